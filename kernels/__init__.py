@@ -1,0 +1,1 @@
+"""Triton kernels of sefe_fast (installed as the import package `sefe_fast_kernels`)."""

@@ -1,0 +1,1 @@
+"""sefe_fast.data."""
