@@ -1,0 +1,172 @@
+"""Side-by-side comparison of several runs, in the paper's table layout.
+
+`python -m sefe_fast.compare RUN_DIR [RUN_DIR ...] [--out DIR]` writes `comparison.md`
+(one row per method, from each run's results.json `method`; runs of one method with
+different seeds shown as mean ± sample std, a single run without ±) and `comparison.png`
+(grouped bars of MFT/MFN/MAA/BWT per method) to `--out` (default: the current
+directory), and prints the table. All runs must share one task list and be completed to
+the same stage; two runs of one method with the same seed are refused (double counting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sefe_fast.io_utils import atomic_write_text
+from sefe_fast.plots import plot_method_comparison
+from sefe_fast.run_results import (
+    METRIC_KEYS,
+    MISSING,
+    PAPER_COLUMNS,
+    format_number,
+    load_results,
+    markdown_table,
+    paper_row_values,
+)
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """One run's paper-table values (percent) and identity."""
+
+    run_dir: Path
+    method: str
+    seed: int | None
+    tasks: tuple[str, ...]
+    tasks_completed: int
+    values: dict[str, float | None]
+
+
+@dataclass(frozen=True)
+class MethodSummary:
+    """Mean and sample std (None with one run, or where a value is missing) per paper column."""
+
+    method: str
+    seeds: tuple[int | None, ...]
+    mean: dict[str, float | None]
+    std: dict[str, float | None]
+
+
+def load_run(run_dir: str | Path) -> RunSummary:
+    """Read one run's results.json into a RunSummary (errors name the run dir)."""
+    results = load_results(run_dir)
+    return RunSummary(
+        run_dir=Path(run_dir),
+        method=results["method"],
+        seed=results.get("seed"),
+        tasks=tuple(results["tasks"]),
+        tasks_completed=results["metrics_recomputed"]["tasks_completed"],
+        values=paper_row_values(results),
+    )
+
+
+def check_comparable(runs: Sequence[RunSummary]) -> None:
+    """ValueError unless all runs share the task list and completed stages, and (method, seed) is unique."""
+    if not runs:
+        raise ValueError("no runs to compare")
+    first = runs[0]
+    for run in runs[1:]:
+        if run.tasks != first.tasks:
+            raise ValueError(
+                f"runs have different task lists: {first.run_dir} has {list(first.tasks)}, "
+                f"{run.run_dir} has {list(run.tasks)}"
+            )
+        if run.tasks_completed != first.tasks_completed:
+            raise ValueError(
+                f"runs completed different numbers of tasks: {first.run_dir} "
+                f"{first.tasks_completed}, {run.run_dir} {run.tasks_completed}"
+            )
+    seen: dict[tuple[str, int | None], Path] = {}
+    for run in runs:
+        key = (run.method, run.seed)
+        if key in seen:
+            raise ValueError(
+                f"runs {seen[key]} and {run.run_dir} are both method {run.method!r} with seed "
+                f"{run.seed}: they would be counted twice"
+            )
+        seen[key] = run.run_dir
+
+
+def aggregate(runs: Sequence[RunSummary]) -> list[MethodSummary]:
+    """Group runs by method (first-seen order): mean and sample std of every paper column."""
+    check_comparable(runs)
+    by_method: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        by_method.setdefault(run.method, []).append(run)
+    summaries = []
+    for method, group in by_method.items():
+        mean: dict[str, float | None] = {}
+        std: dict[str, float | None] = {}
+        for column in PAPER_COLUMNS:
+            values = [run.values[column] for run in group]
+            if any(v is None for v in values):
+                mean[column] = std[column] = None
+                continue
+            mean[column] = statistics.fmean(values)  # type: ignore[arg-type]
+            std[column] = statistics.stdev(values) if len(values) > 1 else None  # type: ignore[arg-type]
+        summaries.append(MethodSummary(method, tuple(run.seed for run in group), mean, std))
+    return summaries
+
+
+def _cell(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return MISSING
+    return format_number(mean) if std is None else f"{format_number(mean)} ± {format_number(std)}"
+
+
+def comparison_markdown(summaries: Sequence[MethodSummary]) -> str:
+    """The Markdown table (paper columns) plus a line per method saying which seeds it averages."""
+    rows = [[s.method, *(_cell(s.mean[c], s.std[c]) for c in PAPER_COLUMNS)] for s in summaries]
+    lines = [
+        "# Run comparison",
+        "",
+        "Final accuracy per task, then MFT, MFN, MAA, BWT (percent); mean ± sample std over seeds.",
+        "",
+        markdown_table(("method", *PAPER_COLUMNS), rows),
+        "",
+    ]
+    for s in summaries:
+        seeds = ", ".join(str(seed) for seed in s.seeds)
+        lines.append(f"- {s.method}: {len(s.seeds)} run(s), seeds {seeds}")
+    lines += ["", "![Continual metrics per method](comparison.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write comparison.md and comparison.png for the runs into `out_dir`; return both paths."""
+    summaries = aggregate([load_run(run_dir) for run_dir in run_dirs])
+    out_dir = Path(out_dir)
+    markdown_path = out_dir / "comparison.md"
+    atomic_write_text(markdown_path, comparison_markdown(summaries))
+    methods = [s.method for s in summaries]
+    means = {key: [s.mean[key] for s in summaries] for key in METRIC_KEYS}
+    stds = {key: [s.std[key] for s in summaries] for key in METRIC_KEYS}
+    plot_path = plot_method_comparison(methods, means, stds, out_dir / "comparison.png")
+    return markdown_path, plot_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: compare runs and print the table."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sefe_fast.compare",
+        description="Compare runs side by side (mean ± std over seeds per method).",
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: .)")
+    args = parser.parse_args(argv)
+    try:
+        markdown_path, _ = write_comparison(args.run_dirs, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(markdown_path.read_text(encoding="utf-8"), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
