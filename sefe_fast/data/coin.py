@@ -1,0 +1,445 @@
+"""Loading CoIN's on-disk layout: LLaVA-format train files and `{question_id, ...}` test files.
+
+Per task CoIN has a `train.json` (a list of `{"id", "image", "conversations"}` in LLaVA's
+format; ASD files such as `train_x20.json` have the same layout) and a `test.json` (a list of
+`{"question_id", "image", "text", "answer"}`; Grounding adds `answer_bbox` and `size`).
+Image paths are relative to a data root.
+
+What counts as a bad record (an error naming file, record id and problem, or with
+`skip_bad=True` a skip counted in `LoadStats`): not a JSON object; a missing or non-string
+`id`/`image`; conversations that do not alternate human/gpt turns starting with a human
+turn and ending with an answer; an empty answer; not exactly one `<image>` placeholder, or
+one outside the first human turn; a missing or unreadable image file. Samples longer than
+`max_length` tokens are truncated (counted); a sample with no answer token left after
+truncation is dropped (counted). Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import Dataset as TorchDataset
+
+from sefe_fast.data.char_tokenizer import IMAGE_TOKEN
+from sefe_fast.data.conversation import (
+    GPT_FROM,
+    IGNORE_INDEX,
+    check_conversation,
+    image_placeholder_id,
+    labels_from_offsets,
+    render_conversation,
+)
+from sefe_fast.data.images import check_image_readable, image_to_pixel_values, load_image
+
+logger = logging.getLogger(__name__)
+
+# Records tokenised per tokenizer call (the fast tokenizer parallelises inside a batch).
+_TOKENIZE_CHUNK = 1024
+# In-memory cache of processed images per dataset, in bytes (mini-CoIN images are ~12 KB each).
+DEFAULT_PIXEL_CACHE_BYTES = 1 << 30
+
+
+class CoinDataError(ValueError):
+    """A malformed CoIN record or file; the message names the file, the record and the problem."""
+
+
+@dataclass
+class LoadStats:
+    """What loading a file kept, truncated and dropped (counts of records).
+
+    `skipped_reasons` holds one message per bad record skipped (`skip_bad=True`) and per
+    sample dropped for having no answer token left, each naming the file and record id.
+    """
+
+    source: str = ""
+    n_records: int = 0
+    n_kept: int = 0
+    n_truncated: int = 0
+    n_no_answer_dropped: int = 0
+    n_bad_skipped: int = 0
+    skipped_reasons: list[str] = field(default_factory=list)
+    problem_counts: dict[str, int] = field(default_factory=dict)
+
+    def add_problem(self, kind: str, message: str) -> None:
+        """Record one skipped or dropped record: its full message and its kind of problem."""
+        self.skipped_reasons.append(message)
+        self.problem_counts[kind] = self.problem_counts.get(kind, 0) + 1
+
+    def summary(self) -> str:
+        """One line: records read, kept, truncated, dropped and skipped (with problem kinds)."""
+        line = (
+            f"{self.source or 'data'}: {self.n_records} records, {self.n_kept} kept, "
+            f"{self.n_truncated} truncated, {self.n_no_answer_dropped} dropped with no answer "
+            f"token after truncation, {self.n_bad_skipped} bad records skipped"
+        )
+        if self.problem_counts:
+            kinds = sorted(self.problem_counts.items())
+            line += " [" + "; ".join(f"{kind}: {n}" for kind, n in kinds) + "]"
+        return line
+
+
+@dataclass
+class TestRecord:
+    """One CoIN test question. `image` is the resolved path; `extra` holds the other fields."""
+
+    question_id: str
+    image: Path
+    text: str
+    answer: str | list[str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gold(self) -> str | list[str]:
+        """What the scorer compares with: `answer_bbox` when present (Grounding), else `answer`."""
+        bbox = self.extra.get("answer_bbox")
+        return bbox if bbox is not None else self.answer
+
+
+def read_json_records(json_path: str | os.PathLike) -> list[Any]:
+    """Read a JSON list (`.json`) or one JSON value per line (`.jsonl`); errors name the file."""
+    path = Path(json_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CoinDataError(f"{path}: invalid JSON: {error}") from error
+    if not isinstance(data, list):
+        raise CoinDataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    return data
+
+
+def _record_label(record: Any, index: int, key: str) -> str:
+    ident = record.get(key) if isinstance(record, dict) else None
+    return f"record {ident!r} (index {index})" if ident is not None else f"record at index {index}"
+
+
+def _check_train_record(record: Any, image_root: Path, verify_images: bool) -> tuple[str, Path]:
+    """Validate one train record; return (id, image path) or raise ValueError with the problem."""
+    if not isinstance(record, dict):
+        raise ValueError(f"not a JSON object ({type(record).__name__})")
+    for key in ("id", "image", "conversations"):
+        if key not in record:
+            raise ValueError(f"missing key {key!r}")
+    if not isinstance(record["id"], str | int):
+        raise ValueError(f"'id' must be a string, got {type(record['id']).__name__}")
+    if not isinstance(record["image"], str) or not record["image"]:
+        raise ValueError("'image' must be a non-empty string")
+    conversations = record["conversations"]
+    check_conversation(conversations)
+    for index, turn in enumerate(conversations):
+        if turn["from"] == GPT_FROM and not turn["value"].strip():
+            raise ValueError(f"empty answer in turn {index}")
+    n_placeholders = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
+    if n_placeholders != 1:
+        raise ValueError(f"expected exactly one {IMAGE_TOKEN} placeholder, found {n_placeholders}")
+    if IMAGE_TOKEN not in conversations[0]["value"]:
+        raise ValueError(f"{IMAGE_TOKEN} must be in the first human turn")
+    image_path = image_root / record["image"]
+    if verify_images:
+        check_image_readable(image_path)
+    elif not image_path.is_file():
+        raise FileNotFoundError(f"image file not found: {image_path}")
+    return str(record["id"]), image_path
+
+
+def _fail_or_skip(
+    stats: LoadStats, skip_bad: bool, source: Path, label: str, problem: BaseException
+) -> None:
+    message = f"{source}: {label}: {problem}"
+    if not skip_bad:
+        raise CoinDataError(message) from problem
+    stats.n_bad_skipped += 1
+    # The kind is the problem's text up to its first ": " (which precedes paths and details).
+    stats.add_problem(str(problem).split(": ")[0], message)
+
+
+def _tokenize_batch(
+    batch: dict[str, list[Any]],
+    *,
+    tokenizer: Any,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_length: int,
+) -> dict[str, list[Any]]:
+    """datasets.map function: rendered conversations → input_ids, labels, truncated."""
+    placeholder_id = image_placeholder_id(tokenizer)
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "truncated": []}
+    texts, spans = [], []
+    for conversations in batch["conversations"]:
+        text, answer_spans = render_conversation(json.loads(conversations), tokenizer.eos_token)
+        texts.append(text)
+        spans.append(answer_spans)
+    encoding = tokenizer(texts, return_offsets_mapping=True)
+    for ids, offsets, answer_spans in zip(encoding["input_ids"], encoding["offset_mapping"], spans):
+        tokenized = labels_from_offsets(
+            ids,
+            offsets,
+            answer_spans,
+            placeholder_id=placeholder_id,
+            image_token_id=image_token_id,
+            num_image_tokens=num_image_tokens,
+            max_length=max_length,
+        )
+        out["input_ids"].append(tokenized.input_ids)
+        out["labels"].append(tokenized.labels)
+        out["truncated"].append(tokenized.truncated)
+    return out
+
+
+def _cache_file(
+    cache_dir: str | os.PathLike, json_path: Path, tokenizer: Any, params: dict[str, Any]
+) -> Path:
+    """Arrow cache file name keyed by the file's bytes, the tokenizer's vocabulary and params."""
+    digest = hashlib.sha256(json_path.read_bytes())
+    digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    digest.update(json.dumps(params, sort_keys=True).encode())
+    digest.update(b"sefe_fast-tokenize-v1")
+    return Path(cache_dir) / f"{json_path.stem}-{digest.hexdigest()[:20]}.arrow"
+
+
+class CoinTrainDataset(TorchDataset):
+    """Tokenised training samples; items are dicts of `input_ids`, `labels` (LongTensor [L])
+    and `pixel_values` (FloatTensor [3, H, W]), images processed on first use and cached."""
+
+    def __init__(
+        self,
+        tokenized: datasets.Dataset,
+        image_processor: Any,
+        pixel_cache_bytes: int = DEFAULT_PIXEL_CACHE_BYTES,
+    ) -> None:
+        self.tokenized = tokenized
+        self.image_processor = image_processor
+        self.pixel_cache_bytes = pixel_cache_bytes
+        self._pixel_cache: dict[str, torch.Tensor] = {}
+        self._cached_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.tokenized)
+
+    def pixel_values(self, image_path: str) -> torch.Tensor:
+        """Processed pixels of one image file, from the cache when possible: [3, H, W]."""
+        cached = self._pixel_cache.get(image_path)
+        if cached is not None:
+            return cached
+        pixels = image_to_pixel_values(load_image(image_path), self.image_processor)
+        size = pixels.numel() * pixels.element_size()
+        if self._cached_bytes + size <= self.pixel_cache_bytes:
+            self._pixel_cache[image_path] = pixels
+            self._cached_bytes += size
+        return pixels
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.tokenized[int(index)]
+        return {
+            "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),
+            "labels": torch.tensor(row["labels"], dtype=torch.long),
+            "pixel_values": self.pixel_values(row["image"]),
+        }
+
+
+def load_train_dataset(
+    json_path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    tokenizer: Any,
+    image_processor: Any,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    max_length: int,
+    skip_bad: bool = False,
+    num_proc: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+    verify_images: bool = True,
+) -> tuple[CoinTrainDataset, LoadStats]:
+    """Load a LLaVA-format train file into tokenised samples with answer-only labels.
+
+    `image_token_id`/`num_image_tokens`: the model's image token id and image features per
+    image; `max_length`: tokens per sample after image expansion. `num_proc` tokenises in
+    parallel processes; `cache_dir` caches the tokenisation as Arrow, keyed by the file's
+    content, the tokenizer and these parameters. `verify_images` reads each image header
+    at load time (else only checks that the file exists). Raises CoinDataError naming file,
+    record and problem for a bad record unless `skip_bad` (then it is counted in LoadStats).
+    """
+    source = Path(json_path)
+    root = Path(image_root)
+    stats = LoadStats(source=str(source))
+    records = read_json_records(source)
+    stats.n_records = len(records)
+    image_placeholder_id(tokenizer)  # fail early on a tokenizer without <image>
+
+    columns: dict[str, list[Any]] = {"id": [], "image": [], "conversations": []}
+    for index, record in enumerate(records):
+        try:
+            record_id, image_path = _check_train_record(record, root, verify_images)
+        except (ValueError, OSError) as problem:
+            _fail_or_skip(stats, skip_bad, source, _record_label(record, index, "id"), problem)
+            continue
+        columns["id"].append(record_id)
+        columns["image"].append(str(image_path))
+        # JSON text keeps the Arrow schema flat whatever extra keys the turns carry.
+        columns["conversations"].append(json.dumps(record["conversations"]))
+
+    params = {
+        "image_token_id": image_token_id,
+        "num_image_tokens": num_image_tokens,
+        "max_length": max_length,
+    }
+    table = datasets.Dataset.from_dict(columns)
+    map_kwargs: dict[str, Any] = {
+        "function": _tokenize_batch,
+        "fn_kwargs": {"tokenizer": tokenizer, **params},
+        "batched": True,
+        "batch_size": _TOKENIZE_CHUNK,
+        "remove_columns": ["conversations"],
+        "num_proc": num_proc if num_proc > 1 and len(table) > _TOKENIZE_CHUNK else None,
+        "desc": f"tokenising {source.name}",
+    }
+    if cache_dir is not None:
+        cache_file = _cache_file(cache_dir, source, tokenizer, params)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        map_kwargs["cache_file_name"] = str(cache_file)
+        map_kwargs["load_from_cache_file"] = True
+    else:
+        map_kwargs["keep_in_memory"] = True
+    with _quiet_progress(len(table)):
+        tokenized = table.map(**map_kwargs)
+
+    truncated = tokenized["truncated"]
+    stats.n_truncated = int(sum(truncated))
+    keep = []
+    for index, (labels, record_id) in enumerate(zip(tokenized["labels"], tokenized["id"])):
+        if any(label != IGNORE_INDEX for label in labels):
+            keep.append(index)
+        else:
+            stats.n_no_answer_dropped += 1
+            stats.add_problem(
+                "no answer token after truncation",
+                f"{source}: record {record_id!r}: no answer token left after truncation "
+                f"to {max_length} tokens",
+            )
+    if len(keep) < len(tokenized):
+        tokenized = tokenized.select(keep)
+    stats.n_kept = len(tokenized)
+    if stats.n_truncated or stats.n_no_answer_dropped or stats.n_bad_skipped:
+        logger.warning(stats.summary())
+    return CoinTrainDataset(tokenized.remove_columns(["truncated"]), image_processor), stats
+
+
+class _quiet_progress:
+    """Silence datasets' progress bars for small files (they cost more than the work)."""
+
+    def __init__(self, n_rows: int) -> None:
+        self.quiet = n_rows <= 10 * _TOKENIZE_CHUNK
+        self.was_enabled = datasets.utils.logging.is_progress_bar_enabled()
+
+    def __enter__(self) -> None:
+        if self.quiet:
+            datasets.utils.logging.disable_progress_bar()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.quiet and self.was_enabled:
+            datasets.utils.logging.enable_progress_bar()
+
+
+def collate_train(
+    items: Sequence[dict[str, torch.Tensor]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples into a batch.
+
+    Returns `input_ids` (padded with `pad_token_id`), `attention_mask` (1 on real tokens),
+    `labels` (padded with -100), all LongTensor [B, L_max], and `pixel_values` [B, 3, H, W].
+    """
+    if not items:
+        raise ValueError("collate_train got an empty batch")
+    longest = max(int(item["input_ids"].numel()) for item in items)
+    batch = len(items)
+    input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch, longest), dtype=torch.long)
+    for row, item in enumerate(items):
+        length = int(item["input_ids"].numel())
+        input_ids[row, :length] = item["input_ids"]
+        labels[row, :length] = item["labels"]
+        attention_mask[row, :length] = 1
+    pixel_values = torch.stack([item["pixel_values"] for item in items])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": pixel_values,
+    }
+
+
+def _check_test_record(record: Any, image_root: Path, verify_images: bool) -> TestRecord:
+    """Validate one test record and build its TestRecord, or raise ValueError with the problem."""
+    if not isinstance(record, dict):
+        raise ValueError(f"not a JSON object ({type(record).__name__})")
+    for key in ("question_id", "image", "text", "answer"):
+        if key not in record:
+            raise ValueError(f"missing key {key!r}")
+    if not isinstance(record["question_id"], str | int):
+        raise ValueError("'question_id' must be a string or an integer")
+    if not isinstance(record["image"], str) or not record["image"]:
+        raise ValueError("'image' must be a non-empty string")
+    if not isinstance(record["text"], str) or not record["text"].strip():
+        raise ValueError("'text' must be a non-empty string")
+    answer = record["answer"]
+    if isinstance(answer, list):
+        if not answer or not all(isinstance(a, str) for a in answer):
+            raise ValueError("'answer' must be a string or a non-empty list of strings")
+    elif not isinstance(answer, str):
+        raise ValueError(f"'answer' must be a string, got {type(answer).__name__}")
+    if "answer_bbox" in record and not isinstance(record["answer_bbox"], str | list):
+        raise ValueError("'answer_bbox' must be a string '[x1, y1, x2, y2]' or a list")
+    image_path = image_root / record["image"]
+    if verify_images:
+        check_image_readable(image_path)
+    elif not image_path.is_file():
+        raise FileNotFoundError(f"image file not found: {image_path}")
+    extra = {k: v for k, v in record.items() if k not in ("question_id", "image", "text", "answer")}
+    return TestRecord(str(record["question_id"]), image_path, record["text"], answer, extra)
+
+
+def load_test_records(
+    json_path: str | os.PathLike,
+    image_root: str | os.PathLike,
+    *,
+    skip_bad: bool = False,
+    verify_images: bool = True,
+    stats: LoadStats | None = None,
+) -> list[TestRecord]:
+    """Read a CoIN test file into TestRecords (images resolved against `image_root`).
+
+    A bad record raises CoinDataError naming file, record and problem, or with `skip_bad`
+    is skipped, counted in `stats` (if given) and logged as a warning.
+    """
+    source = Path(json_path)
+    root = Path(image_root)
+    stats = stats if stats is not None else LoadStats()
+    stats.source = str(source)
+    records = read_json_records(source)
+    stats.n_records = len(records)
+    out: list[TestRecord] = []
+    for index, record in enumerate(records):
+        try:
+            out.append(_check_test_record(record, root, verify_images))
+        except (ValueError, OSError) as problem:
+            label = _record_label(record, index, "question_id")
+            _fail_or_skip(stats, skip_bad, source, label, problem)
+    stats.n_kept = len(out)
+    if stats.n_bad_skipped:
+        logger.warning(stats.summary())
+    return out
