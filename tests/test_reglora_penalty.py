@@ -11,15 +11,7 @@ from sefe_fast.reglora import KeyElements, merge_key_elements, reglora_penalty
 from sefe_fast.reglora.measure import peak_extra_torch_bytes
 from sefe_fast.reglora.penalty import TRITON_MODULE, penalty_torch, resolve_backend
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the 2 shared cores are often oversubscribed by parallel test runs,
-    where every multi-threaded op waits for a descheduled partner thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:

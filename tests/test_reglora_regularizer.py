@@ -20,15 +20,7 @@ from sefe_fast.reglora import (
 )
 from sefe_fast.reglora.penalty import TRITON_MODULE, reference_penalty_from_indices
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the 2 shared cores are often oversubscribed by parallel test runs,
-    where every multi-threaded op waits for a descheduled partner thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPES = {"l0.q": (12, 10), "l0.down": (7, 12), "l1.q": (12, 10)}

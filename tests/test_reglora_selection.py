@@ -12,15 +12,7 @@ from sefe_fast.reglora import (
 )
 from sefe_fast.reglora.measure import peak_extra_torch_bytes
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the 2 shared cores are often oversubscribed by parallel test runs,
-    where every multi-threaded op waits for a descheduled partner thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _factors(k, d, r, seed, dtype=torch.float32):

@@ -1,0 +1,65 @@
+"""The tiny LLaVA preset: its shape, stage-0 pretraining, and the weight cache."""
+
+import json
+
+import pytest
+import torch
+
+from sefe_fast.data.minicoin import MINICOIN_IMAGE_SIZE
+from sefe_fast.model import tiny
+from sefe_fast.model.tiny import (
+    Stage0Config,
+    TinyConfig,
+    build_tiny_model,
+    load_or_pretrain_tiny,
+    stage0_fingerprint,
+)
+from sefe_fast.train.distributed import DistContext
+
+CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+QUICK = Stage0Config(steps=3, batch_size=4, n_train=16, max_length=512)
+
+
+def test_tiny_model_matches_minicoin_and_the_char_tokenizer():
+    bundle = build_tiny_model(TinyConfig(), seed=0)
+    config = bundle.model.config
+    assert config.vision_config.image_size == MINICOIN_IMAGE_SIZE
+    assert bundle.num_image_tokens == (MINICOIN_IMAGE_SIZE // 8) ** 2
+    assert config.text_config.vocab_size == len(bundle.tokenizer)
+    assert config.text_config.num_hidden_layers == 4 and config.text_config.hidden_size == 128
+    assert config.vision_config.num_hidden_layers == 2 and config.vision_config.hidden_size == 64
+    assert bundle.image_token_id == bundle.tokenizer.convert_tokens_to_ids("<image>")
+    n_params = sum(p.numel() for p in bundle.model.parameters())
+    assert 0.5e6 < n_params < 2e6
+    pixels = bundle.image_processor(
+        images=torch.zeros(3, 32, 32, dtype=torch.uint8).numpy().transpose(1, 2, 0),
+        return_tensors="pt",
+    )["pixel_values"]
+    assert tuple(pixels.shape) == (1, 3, MINICOIN_IMAGE_SIZE, MINICOIN_IMAGE_SIZE)
+
+
+def test_stage0_trains_every_weight_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("SEFE_FAST_CACHE", str(tmp_path))
+    monkeypatch.setattr(tiny, "ASSET_DIR", tmp_path / "no-asset")
+    bundle = load_or_pretrain_tiny(CTX, TinyConfig(), QUICK)
+    entry = tmp_path / f"tiny-stage0-{stage0_fingerprint(TinyConfig(), QUICK)}"
+    meta = json.loads((entry / "stage0.json").read_text())
+    assert meta["fingerprint"] == stage0_fingerprint(TinyConfig(), QUICK)
+    assert not (tmp_path / f"{entry.name}.ckpt.pt").exists()  # removed when finished
+    init = build_tiny_model(TinyConfig(), seed=QUICK.train_seed).model.state_dict()
+    trained = bundle.model.state_dict()
+    for part in ("vision_tower", "multi_modal_projector", "language_model", "lm_head"):
+        keys = [k for k in init if part in k]
+        assert keys and any(not torch.equal(init[k], trained[k]) for k in keys), part
+
+    # A second call loads the cache instead of training again.
+    def fail(*args, **kwargs):
+        raise AssertionError("stage 0 should have been loaded from the cache")
+
+    monkeypatch.setattr(tiny, "pretrain_stage0", fail)
+    again = load_or_pretrain_tiny(CTX, TinyConfig(), QUICK)
+    for key, value in again.model.state_dict().items():
+        assert torch.equal(value, trained[key])
+    # Another stage-0 config has another fingerprint: the cache entry is not reused.
+    with pytest.raises(AssertionError, match="loaded from the cache"):
+        load_or_pretrain_tiny(CTX, TinyConfig(), Stage0Config(steps=4, batch_size=4, n_train=16))
