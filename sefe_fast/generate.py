@@ -1,0 +1,160 @@
+"""Batched greedy decoding for LLaVA: left padding, one prefill, then a KV cache.
+
+Left padding keeps every prompt's last token in the last column, so one argmax over the
+last logits gives each row's next token; position ids count only real tokens, so a padded
+row sees exactly the positions it would see alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from sefe_fast.data.conversation import (
+    build_generation_prompt,
+    image_placeholder_id,
+    with_image_placeholder,
+)
+
+
+def encode_prompt(
+    question: str, tokenizer: Any, *, image_token_id: int, num_image_tokens: int
+) -> list[int]:
+    """Token ids of the vicuna_v1 generation prompt for `question`, `<image>` expanded.
+
+    `<image>\\n` is put in front of the question when it has no placeholder (LLaVA's eval
+    prompt); the placeholder becomes `num_image_tokens` copies of `image_token_id`.
+    """
+    prompt = build_generation_prompt(with_image_placeholder(question))
+    placeholder = image_placeholder_id(tokenizer)
+    ids: list[int] = []
+    for token in tokenizer(prompt)["input_ids"]:
+        if token == placeholder:
+            ids.extend([image_token_id] * num_image_tokens)
+        else:
+            ids.append(int(token))
+    return ids
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists: (input_ids [B, L], attention_mask [B, L], 1 on real tokens)."""
+    longest = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {row} is empty")
+        ids[row, longest - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        mask[row, longest - len(prompt) :] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_generate_batch(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    pixel_values: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    banned_token_ids: Sequence[int] = (),
+) -> list[list[int]]:
+    """Greedy continuation of each prompt (one image each), up to and excluding eos.
+
+    pixel_values: [B, 3, H, W] on the model's device. `banned_token_ids` are never chosen
+    (the image placeholder: a generated one could not be fed back). Returns the new token
+    ids per prompt.
+    """
+    device = pixel_values.device
+    input_ids, attention_mask = left_pad(prompts, pad_token_id)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    batch = input_ids.shape[0]
+    out = model(
+        input_ids=input_ids,
+        pixel_values=pixel_values,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    next_positions = position_ids[:, -1:] + 1
+    banned = torch.as_tensor(list(banned_token_ids), dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :]
+        if banned_token_ids:
+            logits = logits.index_fill(-1, banned, float("-inf"))
+        next_token = logits.argmax(dim=-1)
+        finished |= next_token == eos_token_id
+        for row in torch.nonzero(~finished).flatten().tolist():
+            generated[row].append(int(next_token[row]))
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        step_ids = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(
+            input_ids=step_ids[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_positions,
+            past_key_values=out.past_key_values,
+            use_cache=True,
+        )
+        next_positions = next_positions + 1
+    return generated
+
+
+def greedy_generate(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    pixel_values: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    banned_token_ids: Sequence[int] = (),
+    batch_size: int = 32,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "generating",
+    autocast: Any = None,
+) -> list[list[int]]:
+    """Greedy-decode many prompts in batches of similar length; outputs in input order.
+
+    `pixel_values[i]` ([3, H, W]) is prompt i's image. `autocast` is an optional context
+    manager factory (bf16 on CUDA); `banned_token_ids` are never generated. Returns the generated token ids (eos excluded).
+    """
+    if len(prompts) != len(pixel_values):
+        raise ValueError(f"{len(prompts)} prompts but {len(pixel_values)} images")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: list[list[int]] = [[] for _ in prompts]
+    was_training = model.training
+    model.eval()
+    starts = range(0, len(order), batch_size)
+    try:
+        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
+            rows = order[start : start + batch_size]
+            pixels = torch.stack([pixel_values[i] for i in rows]).to(device)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                outputs = greedy_generate_batch(
+                    model,
+                    [prompts[i] for i in rows],
+                    pixels,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id,
+                    banned_token_ids=banned_token_ids,
+                )
+            for row, output in zip(rows, outputs):
+                results[row] = output
+    finally:
+        model.train(was_training)
+    return results

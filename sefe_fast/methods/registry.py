@@ -1,0 +1,21 @@
+"""Method names for `--method` → their classes."""
+
+from __future__ import annotations
+
+from sefe_fast.methods.asd import AsdMethod
+from sefe_fast.methods.base import ContinualMethod, MethodConfig
+from sefe_fast.methods.lora import SequentialLoRA
+from sefe_fast.methods.reglora import RegLoRAMethod
+from sefe_fast.methods.sefe import SefeMethod
+
+METHODS: dict[str, type[ContinualMethod]] = {
+    cls.name: cls for cls in (SequentialLoRA, AsdMethod, RegLoRAMethod, SefeMethod)
+}
+
+
+def build_method(name: str, config: MethodConfig) -> ContinualMethod:
+    """Instantiate the method called `name`; ValueError listing the known names otherwise."""
+    try:
+        return METHODS[name](config)
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; expected one of {sorted(METHODS)}") from None

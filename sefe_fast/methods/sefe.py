@@ -1,0 +1,12 @@
+"""`sefe`: SEFE = ASD (superficial forgetting) + RegLoRA (essential forgetting)."""
+
+from __future__ import annotations
+
+from sefe_fast.methods.asd import AsdMixin
+from sefe_fast.methods.reglora import RegLoRAMixin
+
+
+class SefeMethod(AsdMixin, RegLoRAMixin):
+    """ASD training data and the RegLoRA penalty (the paper's method, the default)."""
+
+    name = "sefe"

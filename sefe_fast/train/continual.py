@@ -1,0 +1,454 @@
+"""The task-after-task driver: train a fresh LoRA, keep key elements, merge, evaluate, record.
+
+For each task (stage s = 1..T): a fresh LoRA is trained on the task's data (as the method
+prepares it, with the method's extra loss); the method sees the trained LoRA
+(`after_task`: RegLoRA selects and keeps its key elements); the LoRA is merged; the model
+is evaluated on every task seen so far (greedy decoding, sharded over ranks, scored on
+rank 0); `results.json` and `run_state.json` are rewritten. Rerunning the same command
+resumes: completed stages are replayed from their saved adapters, an interrupted task
+restarts from its last in-task checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sefe_fast.io_utils import atomic_write_json
+from sefe_fast.methods import ContinualMethod, MethodConfig, build_method
+from sefe_fast.model.accel import AccelConfig, apply_accel, autocast, compute_dtype
+from sefe_fast.model.build import ModelBundle, assemble_llava, load_llava
+from sefe_fast.model.lora import (
+    PROJECTOR_FILE,
+    attach_lora,
+    load_adapter,
+    load_projector,
+    lora_parameters,
+    merge_lora,
+    projector_parameters,
+    save_adapter,
+)
+from sefe_fast.tasks import task_spec
+from sefe_fast.train.checkpoint import (
+    RunState,
+    adapter_dir,
+    config_fingerprint,
+    load_train_state,
+    save_train_state,
+    seed_everything,
+    stage_name,
+    train_state_path,
+)
+from sefe_fast.train.cli import RunConfig
+from sefe_fast.train.distributed import (
+    DistContext,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    init_distributed,
+    run_on_main_first,
+    shutdown_distributed,
+)
+from sefe_fast.train.loop import LoopConfig, train_task
+from sefe_fast.train.train_log import TrainLog
+
+log = logging.getLogger(__name__)
+# Processed test images are kept across stages while they fit in this many bytes.
+PIXEL_CACHE_BYTES = 512 << 20
+
+
+def run_continual(cfg: RunConfig) -> dict[str, Any] | None:
+    """Run (or resume) the whole continual sequence; return results.json's content on rank 0."""
+    ctx = init_distributed()
+    try:
+        return ContinualRun(cfg, ctx).run()
+    finally:
+        shutdown_distributed()
+
+
+def _stage_seed(seed: int, stage: int, rank: int | None = None) -> int:
+    """Seed for a stage's LoRA initialisation (rank None: same on every rank) or its dropout."""
+    return seed * 100_003 + stage * 1_009 + (0 if rank is None else 7 + rank)
+
+
+@dataclass
+class TestSet:
+    """One task's test records on this rank: its shard's indices, prompts and images."""
+
+    records: list[Any]
+    shard: list[int]
+    prompts: list[list[int]]
+    pixels: list[torch.Tensor] | None  # None when not cached (computed per stage)
+
+
+class ContinualRun:
+    """One continual run on one rank (all ranks run the same steps; rank 0 writes)."""
+
+    def __init__(self, cfg: RunConfig, ctx: DistContext) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = Path(cfg.output_dir)
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        self.accel = AccelConfig(
+            flash_attn=cfg.flash_attn,
+            liger=cfg.liger,
+            bf16=cfg.bf16,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+        per_step = cfg.per_device_batch_size * ctx.world_size
+        if cfg.global_batch_size % per_step:
+            raise ValueError(
+                f"--global-batch-size {cfg.global_batch_size} is not a multiple of "
+                f"--per-device-batch-size {cfg.per_device_batch_size} x {ctx.world_size} ranks"
+            )
+        self.grad_accum = cfg.global_batch_size // per_step
+        self.method: ContinualMethod = build_method(
+            cfg.method,
+            MethodConfig(
+                reg_lambda=cfg.reg_lambda,
+                mask_ratio=cfg.mask_ratio,
+                asd_ratio=cfg.asd_ratio,
+                reg_backend=cfg.reg_backend,
+                seed=cfg.seed,
+            ),
+        )
+        self.train_log = TrainLog(self.run_dir / "train_log.jsonl", enabled=ctx.is_main)
+        self.test_sets: dict[str, TestSet] = {}
+        self.timing: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare_data(self) -> tuple[Path, Path]:
+        """(data dir with <Task>/train.json + test.json, image root); mini-CoIN if no --data."""
+        cfg = self.cfg
+        if cfg.data is not None:
+            data = Path(cfg.data)
+            for task in cfg.tasks:
+                for name in ("train.json", "test.json"):
+                    if not (data / task / name).is_file():
+                        raise FileNotFoundError(f"--data {data}: missing {task}/{name}")
+            return data, Path(cfg.image_root) if cfg.image_root else data
+        from sefe_fast.data.minicoin import generate_minicoin
+
+        data = run_on_main_first(
+            self.ctx,
+            generate_minicoin,
+            self.run_dir / "minicoin",
+            seed=cfg.seed,
+            n_train=cfg.minicoin_n_train,
+            n_test=cfg.minicoin_n_test,
+            n_stage0=1,  # stage 0 is the base model's business, not the run's
+            progress=self.ctx.is_main,
+        )
+        return Path(data), Path(data)
+
+    def build_model(self) -> ModelBundle:
+        """The base model (stage-0 tiny LLaVA, a HF LLaVA, or assembled), frozen, on device."""
+        cfg, ctx = self.cfg, self.ctx
+        dtype = compute_dtype(self.accel, ctx.device)
+        if cfg.uses_tiny:
+            from sefe_fast.model.tiny import Stage0Config, TinyConfig, load_or_pretrain_tiny
+
+            s0 = Stage0Config()
+            if cfg.stage0_steps is not None:
+                s0 = Stage0Config(steps=cfg.stage0_steps)
+            bundle = load_or_pretrain_tiny(ctx, TinyConfig(), s0)
+        elif cfg.llm is not None:
+            bundle = assemble_llava(cfg.llm, cfg.vision_tower, cfg.projector, dtype=dtype)
+        else:
+            bundle = load_llava(cfg.model, dtype=dtype)
+        model = bundle.model.to(ctx.device)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.accel_info = apply_accel(model, self.accel, ctx.device)
+        return bundle
+
+    # ------------------------------------------------------------------ stages
+
+    def loop_config(self, stage: int) -> LoopConfig:
+        """The per-task loop settings (data order seeded per stage)."""
+        cfg = self.cfg
+        return LoopConfig(
+            per_device_batch_size=cfg.per_device_batch_size,
+            grad_accum=self.grad_accum,
+            epochs=cfg.epochs,
+            max_steps=cfg.max_steps,
+            warmup_ratio=cfg.warmup_ratio,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            log_every=cfg.log_every,
+            save_every=cfg.save_every,
+            seed=_stage_seed(cfg.seed, stage),
+            share_prompt_prefix=not self.accel_info["gradient_checkpointing"],
+        )
+
+    def load_saved_stage(self, model: torch.nn.Module, stage: int, task: str):
+        """The stage's saved LoRA (and projector) on `model`, as a peft model."""
+        directory = adapter_dir(self.run_dir, stage, task)
+        peft_model = load_adapter(model, directory)
+        load_projector(peft_model, directory / PROJECTOR_FILE)
+        return peft_model
+
+    def train_stage(self, model: torch.nn.Module, stage: int, task: str):
+        """Train a fresh LoRA on `task` (resuming its in-task checkpoint); save the adapter."""
+        cfg, ctx, bundle = self.cfg, self.ctx, self.bundle
+        from sefe_fast.data.coin import collate_train, load_train_dataset
+
+        train_file = run_on_main_first(
+            ctx,
+            self.method.prepare_train_file,
+            task,
+            self.data_dir / task / "train.json",
+            self.run_dir,
+        )
+        dataset, stats = load_train_dataset(
+            train_file,
+            self.image_root,
+            bundle.tokenizer,
+            bundle.image_processor,
+            image_token_id=bundle.image_token_id,
+            num_image_tokens=bundle.num_image_tokens,
+            max_length=cfg.max_length,
+            skip_bad=cfg.skip_bad,
+            num_proc=cfg.num_proc,
+        )
+        if ctx.is_main:
+            print(f"[sefe_fast] stage {stage} {task}: {stats.summary()}", flush=True)
+        seed_everything(_stage_seed(cfg.seed, stage))  # same LoRA init on every rank
+        peft_model = attach_lora(
+            model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout
+        ).to(ctx.device)
+        for param in projector_parameters(peft_model):
+            param.data = param.data.float()  # the projector trains in fp32 (autocast computes)
+        self.method.before_task(peft_model, task, stage)
+        seed_everything(_stage_seed(cfg.seed, stage, ctx.rank))  # dropout differs per rank
+        groups = [{"params": lora_parameters(peft_model), "lr": cfg.lr, "name": "lora"}]
+        if projector_parameters(peft_model):
+            groups.append(
+                {"params": projector_parameters(peft_model), "lr": cfg.projector_lr, "name": "proj"}
+            )
+        ckpt_path = train_state_path(self.run_dir, stage, task)
+        resume = load_train_state(ckpt_path)
+        if resume is not None and ctx.is_main:
+            print(f"[sefe_fast] resuming {task} from step {resume['step']} ({ckpt_path})")
+        pad = bundle.tokenizer.pad_token_id
+        result = train_task(
+            peft_model,
+            dataset,
+            lambda items: collate_train(items, pad),
+            groups,
+            self.loop_config(stage),
+            ctx,
+            accel=self.accel,
+            extra_loss=self.method.extra_loss,
+            log=self.train_log,
+            log_fields={"phase": stage_name(stage, task), "stage": stage, "task": task},
+            save_checkpoint=(lambda state: save_train_state(ckpt_path, state))
+            if ctx.is_main
+            else (lambda state: None),
+            resume=resume,
+            desc=f"[{stage}/{len(cfg.tasks)}] {task}",
+            image_token_id=bundle.image_token_id,
+        )
+        self.timing.setdefault(task, {})["train_s"] = result.seconds
+        self.timing[task]["tokens_per_s"] = result.tokens_per_s
+        if ctx.is_main:
+            save_adapter(peft_model, adapter_dir(self.run_dir, stage, task))
+        barrier()
+        return peft_model
+
+    # ------------------------------------------------------------------ evaluation
+
+    def test_set(self, task: str) -> TestSet:
+        """This rank's shard of `task`'s test records, prompts encoded (cached per task)."""
+        if task in self.test_sets:
+            return self.test_sets[task]
+        from sefe_fast.data.coin import load_test_records
+        from sefe_fast.data.images import image_to_pixel_values, load_image
+        from sefe_fast.generate import encode_prompt
+
+        records = load_test_records(
+            self.data_dir / task / "test.json", self.image_root, skip_bad=self.cfg.skip_bad
+        )
+        if self.cfg.max_test_per_task is not None:
+            records = records[: self.cfg.max_test_per_task]
+        if not records:
+            raise ValueError(f"{self.data_dir / task / 'test.json'}: no test records")
+        shard = list(range(self.ctx.rank, len(records), self.ctx.world_size))
+        b = self.bundle
+        prompts = [
+            encode_prompt(
+                records[i].text,
+                b.tokenizer,
+                image_token_id=b.image_token_id,
+                num_image_tokens=b.num_image_tokens,
+            )
+            for i in shard
+        ]
+        size = b.model.config.vision_config.image_size
+        cache = len(shard) * 3 * size * size * 4 <= PIXEL_CACHE_BYTES
+        pixels = (
+            [image_to_pixel_values(load_image(records[i].image), b.image_processor) for i in shard]
+            if cache
+            else None
+        )
+        self.test_sets[task] = TestSet(records, shard, prompts, pixels)
+        return self.test_sets[task]
+
+    def evaluate(self, model: torch.nn.Module, stage: int, eval_task: str) -> list[dict] | None:
+        """Greedy predictions of `model` on `eval_task` (rows in test-file order, rank 0)."""
+        from sefe_fast.data.images import image_to_pixel_values, load_image
+        from sefe_fast.generate import greedy_generate
+
+        test, b = self.test_set(eval_task), self.bundle
+        pixels = test.pixels
+        if pixels is None:
+            pixels = [
+                image_to_pixel_values(load_image(test.records[i].image), b.image_processor)
+                for i in test.shard
+            ]
+        outputs = greedy_generate(
+            model,
+            test.prompts,
+            pixels,
+            max_new_tokens=task_spec(eval_task).max_new_tokens,
+            eos_token_id=b.tokenizer.eos_token_id,
+            pad_token_id=b.tokenizer.pad_token_id,
+            banned_token_ids=[b.image_token_id],
+            batch_size=self.cfg.eval_batch_size,
+            device=self.ctx.device,
+            progress=self.ctx.is_main,
+            desc=f"eval {eval_task}",
+            autocast=lambda: autocast(self.accel, self.ctx.device),
+        )
+        texts = [b.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+        gathered = gather_objects(list(zip(test.shard, texts)))
+        if not self.ctx.is_main:
+            return None
+        by_index = dict(pair for part in gathered for pair in part)
+        return [
+            {
+                "question_id": rec.question_id,
+                "prediction": by_index[i],
+                "answer": rec.gold,
+            }
+            for i, rec in enumerate(test.records)
+        ]
+
+    def evaluate_stage(self, model: torch.nn.Module, stage: int, task: str) -> None:
+        """Evaluate on tasks 1..stage; rank 0 writes predictions and fills the matrix row."""
+        from sefe_fast.evaluation import predictions_path, score_predictions, write_predictions
+
+        t0 = time.perf_counter()
+        for index, eval_task in enumerate(self.cfg.tasks[:stage]):
+            rows = self.evaluate(model, stage, eval_task)
+            if rows is None:
+                continue
+            write_predictions(predictions_path(self.run_dir, stage, task, eval_task), rows)
+            scored = score_predictions(eval_task, rows)
+            self.state.accuracy[stage - 1][index] = scored.accuracy
+            self.state.scores[stage - 1][index] = scored.to_dict()
+        self.timing.setdefault(task, {})["eval_s"] = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ results
+
+    def results(self) -> dict[str, Any]:
+        """results.json's content for the stages completed so far."""
+        import peft
+        import transformers
+
+        import sefe_fast
+        from sefe_fast.metrics import continual_metrics
+
+        return {
+            "tasks": list(self.cfg.tasks),
+            "accuracy": self.state.accuracy,
+            "metrics": continual_metrics(self.state.accuracy),
+            "method": self.cfg.method,
+            "seed": self.cfg.seed,
+            "config": {
+                **self.cfg.fingerprinted(),
+                "world_size": self.ctx.world_size,
+                "grad_accum": self.grad_accum,
+                "accel": self.accel_info,
+                "model_source": self.bundle.source,
+                "method_detail": self.method.describe(),
+            },
+            "versions": {
+                "sefe_fast": sefe_fast.__version__,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+            },
+            "scores": self.state.scores,
+            "timing": self.timing,
+        }
+
+    def finish_stage(self, stage: int, task: str) -> None:
+        """Rank 0: record the stage as completed; write results.json and run_state.json."""
+        if self.ctx.is_main:
+            self.state.completed.append(stage)
+            self.state.method_state = self.method.state_dict()
+            atomic_write_json(self.run_dir / "results.json", self.results())
+            self.state.save(self.run_dir)
+            train_state_path(self.run_dir, stage, task).unlink(missing_ok=True)
+        barrier()
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any] | None:
+        """All stages in order (replaying completed ones); then the summary and report."""
+        cfg, ctx = self.cfg, self.ctx
+        self.data_dir, self.image_root = self.prepare_data()
+        self.bundle = self.build_model()
+        fingerprint = config_fingerprint({**cfg.fingerprinted(), "world_size": ctx.world_size})
+        state = (
+            RunState.load_or_fresh(self.run_dir, fingerprint, cfg.tasks) if ctx.is_main else None
+        )
+        self.state: RunState = broadcast_object(state)
+        if self.state.completed:
+            self.method.load_state_dict(self.state.method_state)
+            saved = self.run_dir / "results.json"
+            if saved.is_file():
+                self.timing = json.loads(saved.read_text()).get("timing", {})
+        model = self.bundle.model
+        for stage, task in enumerate(cfg.tasks, start=1):
+            if stage in self.state.completed:
+                model = merge_lora(self.load_saved_stage(model, stage, task))
+                continue
+            if (adapter_dir(self.run_dir, stage, task) / "adapter_config.json").is_file():
+                peft_model = self.load_saved_stage(model, stage, task)  # trained, not evaluated
+            else:
+                peft_model = self.train_stage(model, stage, task)
+            self.method.after_task(peft_model, task, stage, self.run_dir, write=ctx.is_main)
+            model = merge_lora(peft_model)
+            self.evaluate_stage(model, stage, task)
+            self.finish_stage(stage, task)
+        if not ctx.is_main:
+            return None
+        results = self.results()
+        self.print_summary(results)
+        from sefe_fast.report import write_report
+
+        write_report(self.run_dir)
+        return results
+
+    def print_summary(self, results: dict[str, Any]) -> None:
+        """The accuracy matrix and the continual metrics, on stdout."""
+        from sefe_fast.evaluation import format_matrix
+
+        print(f"\naccuracy (%), row = after training, column = task ({self.cfg.method}):")
+        print(format_matrix(results["tasks"], results["accuracy"]))
+        metrics = results["metrics"]
+        print("  ".join(f"{k} {metrics[k]:.2f}" for k in ("MFT", "MFN", "MAA", "BWT")))
+        print(f"results: {self.run_dir / 'results.json'}", file=sys.stdout, flush=True)

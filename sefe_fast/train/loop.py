@@ -1,0 +1,384 @@
+"""The per-task training loop: AdamW, cosine schedule with warmup, gradient accumulation,
+clipping, DDP, periodic checkpoints, a NaN/inf stop, and a tqdm bar + JSONL log on rank 0.
+
+One optimizer step consumes `grad_accum` micro-batches per rank. The loss of a step is the
+token-mean cross-entropy over all of the step's answer tokens on all ranks (each
+micro-batch's summed CE is divided by the global token count), so accumulation and data
+parallelism give the same update as one big batch. The method's extra loss (RegLoRA
+penalty) is added once per step. Data order is a DistributedSampler permutation per epoch,
+cut into per-rank micro-batches; a resumed loop recomputes it and starts at its step.
+
+Shared prompt prefix (`share_prompt_prefix`): every sample starts with the same tokens
+(bos, the system line, "USER: " — about half of a tiny-model sequence in characters).
+That prefix is run once per micro-batch and its key/value cache is repeated over the batch;
+the rest of each sequence attends to it. Causal attention makes this exact (same loss and
+gradients; only LoRA dropout on the prefix is shared by the batch). It needs the KV cache,
+so it is off with gradient checkpointing (CUDA), where the prefix is a small share anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from sefe_fast.model.accel import AccelConfig, autocast
+from sefe_fast.train.checkpoint import capture_rng, restore_rng
+from sefe_fast.train.distributed import DistContext, all_reduce_sum, gather_objects
+from sefe_fast.train.train_log import TrainLog
+
+# Test hook: the process exits abruptly (like a SIGKILL) after this many optimizer steps.
+FAIL_AFTER_STEPS_ENV = "SEFE_FAST_FAIL_AFTER_STEPS"
+_steps_done_in_process = 0
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stops, the last checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How one task is trained.
+
+    per_device_batch_size: samples per micro-batch per rank; grad_accum: micro-batches per
+    optimizer step; epochs: passes over the data (fractions allowed) unless max_steps (optimizer
+    steps) is set; warmup_ratio: share of the steps with linear warmup; max_grad_norm: clip
+    threshold (0 = off); log_every / save_every: in optimizer steps (save_every 0 = off).
+    """
+
+    per_device_batch_size: int = 8
+    grad_accum: int = 1
+    epochs: float = 1.0
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    save_every: int = 0
+    seed: int = 0
+    share_prompt_prefix: bool = True
+
+
+@dataclass
+class LoopResult:
+    """Optimizer steps run (total, of which `resumed_from` were done before), last loss, speed."""
+
+    steps: int
+    resumed_from: int
+    last_loss: float
+    last_penalty: float
+    tokens_per_s: float
+    seconds: float
+
+
+class BatchSchedule:
+    """Which dataset indices this rank's micro-batch m (0, 1, ...) holds.
+
+    Epoch e is DistributedSampler's permutation with seed `seed` and epoch e, this rank's
+    share cut into micro-batches of `batch_size` (a short last one dropped); an epoch holds
+    `steps_per_epoch · grad_accum` micro-batches so every step sees whole micro-batches.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, grad_accum: int, seed: int, ctx: DistContext):
+        self.n, self.batch_size, self.grad_accum, self.seed, self.ctx = (
+            n,
+            batch_size,
+            grad_accum,
+            seed,
+            ctx,
+        )
+        per_rank = n // ctx.world_size
+        self.steps_per_epoch = per_rank // batch_size // grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{n} samples are too few for one optimizer step of {batch_size} x "
+                f"{grad_accum} micro-batches on {ctx.world_size} ranks"
+            )
+        self._epoch, self._batches = -1, []
+
+    def micro_batch(self, m: int) -> list[int]:
+        """Indices of micro-batch `m` (counted from the start of the task)."""
+        per_epoch = self.steps_per_epoch * self.grad_accum
+        epoch, position = divmod(m, per_epoch)
+        if epoch != self._epoch:
+            sampler = DistributedSampler(
+                range(self.n),
+                num_replicas=self.ctx.world_size,
+                rank=self.ctx.rank,
+                shuffle=True,
+                seed=self.seed,
+                drop_last=True,
+            )
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            self._batches = [
+                order[i : i + self.batch_size]
+                for i in range(0, per_epoch * self.batch_size, self.batch_size)
+            ]
+            self._epoch = epoch
+        return self._batches[position]
+
+
+def total_steps(cfg: LoopConfig, steps_per_epoch: int) -> int:
+    """Optimizer steps of the task: max_steps if set, else ceil(epochs · steps per epoch)."""
+    if cfg.max_steps is not None:
+        return int(cfg.max_steps)
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+
+def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens that carry loss after the causal shift (labels[:, 1:] != -100)."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that require grad, by name."""
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved trainable parameters back into `model` (names must match exactly)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(params) != set(state):
+        diff = sorted(set(params) ^ set(state))[:4]
+        raise ValueError(f"checkpoint does not match the model's trainable parameters: {diff}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+# Below this many shared tokens the prefix pass costs more than it saves.
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix_length(batch: dict[str, torch.Tensor], image_token_id: int | None) -> int:
+    """Tokens at the start of every row that are identical, unmasked, carry no label, and end
+    before the first image token and before the first labelled position (0 if too few)."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    same = (ids == ids[:1]).all(dim=0) & (batch["attention_mask"] == 1).all(dim=0)
+    # The label at position P is predicted from the prefix's last logits: it must be -100.
+    unlabeled = (labels == -100).all(dim=0)
+    ok = same & torch.cat([unlabeled[1:], unlabeled.new_zeros(1)])
+    if image_token_id is not None:
+        ok &= ~(ids == image_token_id).any(dim=0)
+    bad = torch.nonzero(~ok)
+    length = int(bad[0]) if bad.numel() else ids.shape[1]
+    return length if length >= MIN_SHARED_PREFIX and length < ids.shape[1] else 0
+
+
+def forward_with_shared_prefix(
+    model: torch.nn.Module,
+    train_model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    num_items_in_batch: torch.Tensor,
+    prefix: int,
+):
+    """The training forward with the first `prefix` tokens computed once for the batch.
+
+    `model` (unwrapped) runs the prefix on one row with a KV cache; `train_model` (maybe
+    DDP) runs the rest of every row on that cache. Returns the model output (loss as the
+    plain forward's: summed answer-token CE / `num_items_in_batch`).
+    """
+    if prefix == 0:
+        return train_model(**batch, num_items_in_batch=num_items_in_batch)
+    ids = batch["input_ids"]
+    cache = model(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
+    cache.batch_repeat_interleave(ids.shape[0])
+    positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    return train_model(
+        input_ids=ids[:, prefix:],
+        pixel_values=batch["pixel_values"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"][:, prefix:],
+        past_key_values=cache,
+        position_ids=positions,
+        use_cache=False,
+        num_items_in_batch=num_items_in_batch,
+    )
+
+
+def _maybe_fail_for_test() -> None:
+    global _steps_done_in_process
+    _steps_done_in_process += 1
+    limit = os.environ.get(FAIL_AFTER_STEPS_ENV)
+    if limit and _steps_done_in_process >= int(limit):
+        os._exit(86)  # abrupt, no cleanup: what a SIGKILL leaves behind
+
+
+def train_task(
+    model: torch.nn.Module,
+    dataset: Any,
+    collate: Callable[[Sequence[dict]], dict[str, torch.Tensor]],
+    param_groups: list[dict[str, Any]],
+    cfg: LoopConfig,
+    ctx: DistContext,
+    *,
+    accel: AccelConfig,
+    extra_loss: Callable[[torch.nn.Module, int], torch.Tensor | None] | None = None,
+    log: TrainLog | None = None,
+    log_fields: dict[str, Any] | None = None,
+    save_checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
+    desc: str = "train",
+    image_token_id: int | None = None,
+) -> LoopResult:
+    """Train `model` in place on `dataset` for one task; return what happened.
+
+    `param_groups`: AdamW groups (`params`, `lr`, optional `name`). `extra_loss(model, step)`
+    adds a term once per step (it sees the unwrapped model). `save_checkpoint(state)` is
+    called on every rank every `cfg.save_every` steps with the loop state (rank 0 writes
+    it); `resume` is such a state. Raises NonFiniteLossError on a NaN/inf loss, before the
+    optimizer step, so the last checkpoint stays good. `image_token_id` bounds the shared
+    prompt prefix (image features are never part of it).
+    """
+    log_fields = dict(log_fields or {})
+    phase = str(log_fields.get("phase", desc))
+    schedule = BatchSchedule(
+        len(dataset),
+        batch_size=cfg.per_device_batch_size,
+        grad_accum=cfg.grad_accum,
+        seed=cfg.seed,
+        ctx=ctx,
+    )
+    n_steps = total_steps(cfg, schedule.steps_per_epoch)
+    params = [p for group in param_groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(
+        optimizer, math.ceil(cfg.warmup_ratio * n_steps), n_steps
+    )
+    start = 0
+    if resume is not None:
+        load_trainable_state(model, resume["trainable"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if len(resume["rng"]) != ctx.world_size:
+            raise ValueError(
+                f"checkpoint was written by {len(resume['rng'])} processes, this run has "
+                f"{ctx.world_size}: resume with the same number of processes"
+            )
+        restore_rng(resume["rng"][ctx.rank])
+        start = int(resume["step"])
+        if log is not None:
+            log.truncate_after(phase, start)
+    train_model = model
+    if ctx.distributed:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=device_ids)
+    model.train()
+
+    bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not ctx.is_main, unit="step")
+    t_start, tokens_seen = time.perf_counter(), 0
+    loss_value = penalty_value = tokens_per_s = 0.0
+    for step in range(start, n_steps):
+        micro = [
+            collate([dataset[i] for i in schedule.micro_batch(step * cfg.grad_accum + j)])
+            for j in range(cfg.grad_accum)
+        ]
+        counts = torch.tensor(
+            [
+                sum(count_label_tokens(b) for b in micro),
+                sum(int(b["attention_mask"].sum()) for b in micro),
+            ],
+            dtype=torch.float64,
+        )
+        n_label, n_tokens = all_reduce_sum(counts.to(ctx.device)).tolist()
+        # Each rank divides by its share of the global count; DDP then averages over ranks.
+        per_rank_items = torch.tensor(max(n_label, 1.0) / ctx.world_size, device=ctx.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        penalty = None
+        for j, batch in enumerate(micro):
+            last = j == len(micro) - 1
+            no_sync = (
+                train_model.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
+            )
+            with no_sync, autocast(accel, ctx.device):
+                batch = {k: v.to(ctx.device) for k, v in batch.items()}
+                prefix = (
+                    shared_prefix_length(batch, image_token_id) if cfg.share_prompt_prefix else 0
+                )
+                out = forward_with_shared_prefix(model, train_model, batch, per_rank_items, prefix)
+                loss = out.loss
+                if last and extra_loss is not None:
+                    penalty = extra_loss(model, step)
+                    if penalty is not None:
+                        loss = loss + penalty
+            loss.backward()
+            ce_sum += out.loss.detach().double()
+        stats = all_reduce_sum(ce_sum.reshape(1)) / ctx.world_size
+        loss_value = float(stats[0])
+        penalty_value = float(penalty.detach()) if penalty is not None else 0.0
+        if not (math.isfinite(loss_value) and math.isfinite(penalty_value)):
+            raise NonFiniteLossError(
+                f"{desc}: non-finite loss at optimizer step {step + 1} (cross-entropy "
+                f"{loss_value}, penalty {penalty_value}); the run stops here and keeps its last "
+                "good checkpoint (lower the learning rate or λ and rerun)"
+            )
+        grad_norm = (
+            float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            if cfg.max_grad_norm > 0
+            else float("nan")
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        tokens_seen += n_tokens
+        elapsed = time.perf_counter() - t_start
+        tokens_per_s = tokens_seen / max(elapsed, 1e-9)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{loss_value:.4f}", pen=f"{penalty_value:.4f}", tok_s=f"{tokens_per_s:.0f}"
+        )
+        done = step + 1
+        if log is not None and (done % cfg.log_every == 0 or done == n_steps):
+            log.append(
+                {
+                    **log_fields,
+                    "phase": phase,
+                    "step": done,
+                    "steps": n_steps,
+                    "loss": loss_value,
+                    "penalty": penalty_value,
+                    "lr": [g["lr"] for g in optimizer.param_groups],
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens_per_s,
+                    "elapsed_s": elapsed,
+                }
+            )
+        if (
+            save_checkpoint is not None
+            and cfg.save_every
+            and done % cfg.save_every == 0
+            and done < n_steps
+        ):
+            save_checkpoint(
+                {
+                    "step": done,
+                    "trainable": trainable_state(model),
+                    # a copy: the live state keeps changing after this call returns
+                    "optimizer": copy.deepcopy(optimizer.state_dict()),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": gather_objects(capture_rng()),
+                }
+            )
+        _maybe_fail_for_test()
+    bar.close()
+    return LoopResult(
+        steps=n_steps,
+        resumed_from=start,
+        last_loss=loss_value,
+        last_penalty=penalty_value,
+        tokens_per_s=tokens_per_s,
+        seconds=time.perf_counter() - t_start,
+    )
