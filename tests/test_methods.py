@@ -15,12 +15,12 @@ from sefe_fast.reglora import load_key_elements, lora_factors
 SMALL = TinyConfig(text_layers=2, text_hidden=64, text_heads=2, text_intermediate=128)
 
 
-def test_registry_names_the_four_methods():
-    assert set(METHODS) == {"lora", "asd", "reglora", "sefe"}
+def test_registry_names_the_methods():
+    assert set(METHODS) == {"lora", "asd", "reglora", "sefe", "olora"}
     for name in METHODS:
         assert build_method(name, MethodConfig()).name == name
-    with pytest.raises(ValueError, match="unknown method 'olora'"):
-        build_method("olora", MethodConfig())
+    with pytest.raises(ValueError, match="unknown method 'moelora'"):
+        build_method("moelora", MethodConfig())
 
 
 @pytest.fixture(scope="module")

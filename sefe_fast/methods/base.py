@@ -36,6 +36,8 @@ class MethodConfig:
     asd_ratio: float = 0.2
     reg_backend: str = "auto"
     seed: int = 0
+    olora_lambda1: float = 0.5
+    olora_lambda2: float = 0.0
 
 
 class ContinualMethod:

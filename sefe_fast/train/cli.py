@@ -51,6 +51,8 @@ class RunConfig:
     mask_ratio: float
     asd_ratio: float
     reg_backend: str
+    olora_lambda1: float
+    olora_lambda2: float
     eval_batch_size: int
     max_test_per_task: int | None
     minicoin_n_train: int | None
@@ -115,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask-ratio", type=float, help="key-element share M per matrix (0.02 = 2%%)")
     g.add_argument("--asd-ratio", type=float, help="ASD share X of each task's data (0.2 = 20%%)")
     g.add_argument("--reg-backend", choices=["auto", "torch", "reference", "triton"])
+    g.add_argument(
+        "--olora-lambda1", type=float, help="λ1 of O-LoRA's orthogonality penalty (paper: 0.5)"
+    )
+    g.add_argument(
+        "--olora-lambda2", type=float, help="λ2 of O-LoRA's L2 on the new factors (paper: 0)"
+    )
     g = p.add_argument_group("training")
     g.add_argument("--seed", type=int, help="seeds mini-CoIN generation and training")
     g.add_argument("--lora-r", type=int)

@@ -119,6 +119,8 @@ class ContinualRun:
                 asd_ratio=cfg.asd_ratio,
                 reg_backend=cfg.reg_backend,
                 seed=cfg.seed,
+                olora_lambda1=cfg.olora_lambda1,
+                olora_lambda2=cfg.olora_lambda2,
             ),
         )
         self.train_log = TrainLog(self.run_dir / "train_log.jsonl", enabled=ctx.is_main)
