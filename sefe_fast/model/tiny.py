@@ -72,8 +72,8 @@ class TinyConfig:
 class Stage0Config:
     """Stage-0 training: optimizer steps, batch (global), lr, data size and the fixed seeds."""
 
-    steps: int = 1200
-    batch_size: int = 16
+    steps: int = 3000
+    batch_size: int = 32
     lr: float = 2e-3
     warmup_ratio: float = 0.03
     max_length: int = 512
