@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lora_r": 16,
         "lora_alpha": 32,
         "lr": 3e-3,
-        "projector_lr": 2e-4,
+        "projector_lr": 2e-3,
         "global_batch_size": 32,
         "per_device_batch_size": 16,
         "max_steps": 100,
