@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "projector_lr": 2e-3,
         "global_batch_size": 32,
         "per_device_batch_size": 16,
-        "max_steps": 100,
+        "max_steps": 70,
         "warmup_ratio": 0.05,
         "max_length": 768,
         "minicoin_n_train": 2000,
