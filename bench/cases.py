@@ -121,3 +121,24 @@ class MaskStore:
                 task_selection(shape.k, shape.d, rank, RATIO, len(selections), self.cache_dir)
             )
         return merge_key_elements(selections[:prior_tasks])
+
+
+def case_extra_info(kind, side, device, lora_B, shape, rank, positions, peak) -> dict:
+    """The benchmark metadata every penalty and selection case carries (bytes, counts)."""
+    return {
+        "kind": kind,
+        "side": side,
+        "device": device,
+        "dtype": str(lora_B.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+        "shape_names": shape.names,
+        "k": shape.k,
+        "d": shape.d,
+        "rank": rank,
+        "ratio": RATIO,
+        "positions": positions,
+        "peak_extra_bytes": int(peak),
+        "peak_method": "cuda max_memory_allocated"
+        if device == "cuda"
+        else "torch profiler memory events (tensor bytes)",
+    }

@@ -26,12 +26,12 @@ from bench.cases import (
     CUDA_SKIP_REASON,
     PRIOR_TASKS,
     RANKS,
-    RATIO,
     SHAPES,
     TRITON_SKIP_REASON,
     VANILLA_BYTES_PER_ENTRY,
     MaskStore,
     Shape,
+    case_extra_info,
     current_factors,
     factor_dtype,
     rounds_for,
@@ -141,23 +141,8 @@ def test_penalty_fwd_bwd(
         f"penalty fwd+bwd {device} {shape.names} {shape.id} r={rank} prior_tasks={prior_tasks}"
     )
     info = {
-        "kind": "penalty",
-        "side": side,
+        **case_extra_info("penalty", side, device, B, shape, rank, n, peak),
         "impl": backend,
-        "device": device,
-        "dtype": str(B.dtype).removeprefix("torch."),
-        "torch_threads": torch.get_num_threads(),
-        "shape_names": shape.names,
-        "k": shape.k,
-        "d": shape.d,
-        "rank": rank,
-        "ratio": RATIO,
-        "prior_tasks": prior_tasks,
-        "positions": n,
-        "peak_extra_bytes": int(peak),
-        "peak_method": "cuda max_memory_allocated"
-        if device == "cuda"
-        else "torch profiler memory events (tensor bytes)",
         "saved_for_backward_bytes": int(saved.bytes),
         "value": value,
     }

@@ -22,6 +22,7 @@ from bench.cases import (
     SHAPES,
     VANILLA_BYTES_PER_ENTRY,
     Shape,
+    case_extra_info,
     factor_dtype,
     rounds_for,
 )
@@ -88,22 +89,8 @@ def test_selection(benchmark, shape: Shape, rank: int, side: str, device: str) -
     benchmark.group = f"selection {device} {shape.names} {shape.id} r={rank}"
     benchmark.extra_info.update(
         {
-            "kind": "selection",
-            "side": side,
+            **case_extra_info("selection", side, device, B, shape, rank, m, peak),
             "impl": "dense torch.topk" if side == "vanilla" else "streaming radix select",
-            "device": device,
-            "dtype": str(B.dtype).removeprefix("torch."),
-            "torch_threads": torch.get_num_threads(),
-            "shape_names": shape.names,
-            "k": shape.k,
-            "d": shape.d,
-            "rank": rank,
-            "ratio": RATIO,
-            "positions": m,
-            "peak_extra_bytes": int(peak),
-            "peak_method": "cuda max_memory_allocated"
-            if device == "cuda"
-            else "torch profiler memory events (tensor bytes)",
             "mask_bytes": VANILLA_BYTES_PER_ENTRY * m if side == "vanilla" else key_elements.nbytes,
         }
     )

@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sefe_fast.reglora.plan import PositionPlan
+from sefe_fast.reglora.plan import PositionPlan, tensors_to
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -367,17 +367,7 @@ class GroupedPositionPlan:
 
     def to(self, device: torch.device | str) -> GroupedPositionPlan:
         """A copy of the grouped plan with every tensor on `device`."""
-        return GroupedPositionPlan(
-            shape=self.shape,
-            rows=self.rows.to(device),
-            cols=self.cols.to(device),
-            weights=self.weights.to(device),
-            row_ptr=self.row_ptr.to(device),
-            col_order=self.col_order.to(device),
-            col_ptr=self.col_ptr.to(device),
-            num_unique=self.num_unique,
-            n_total=self.n_total,
-        )
+        return tensors_to(self, device)
 
 
 def _check_runnable(tensor: torch.Tensor, what: str) -> None:

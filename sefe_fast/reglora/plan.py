@@ -19,7 +19,7 @@ reused for every training step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -96,13 +96,14 @@ class PositionPlan:
 
     def to(self, device: torch.device | str) -> PositionPlan:
         """A copy of the plan with every tensor on `device`."""
-        return PositionPlan(
-            shape=self.shape,
-            rows=self.rows.to(device),
-            cols=self.cols.to(device),
-            weights=self.weights.to(device),
-            row_ptr=self.row_ptr.to(device),
-            col_order=self.col_order.to(device),
-            col_ptr=self.col_ptr.to(device),
-            n_total=self.n_total,
-        )
+        return tensors_to(self, device)
+
+
+def tensors_to(plan, device: torch.device | str):
+    """A copy of a frozen plan dataclass with every tensor field moved to `device`."""
+    moved = {
+        f.name: getattr(plan, f.name).to(device)
+        for f in fields(plan)
+        if isinstance(getattr(plan, f.name), torch.Tensor)
+    }
+    return replace(plan, **moved)
