@@ -17,7 +17,9 @@ from sefe_fast.model.tiny import (
 from sefe_fast.train.distributed import DistContext
 
 CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-QUICK = Stage0Config(steps=3, batch_size=4, n_train=16, max_length=512)
+QUICK = Stage0Config(
+    steps=3, batch_size=4, n_train=16, max_length=512, vision_steps=3, vision_batch_size=8
+)
 
 
 def test_tiny_model_matches_minicoin_and_the_char_tokenizer():
@@ -45,6 +47,7 @@ def test_stage0_trains_every_weight_and_is_cached(tmp_path, monkeypatch):
     entry = tmp_path / f"tiny-stage0-{stage0_fingerprint(TinyConfig(), QUICK)}"
     meta = json.loads((entry / "stage0.json").read_text())
     assert meta["fingerprint"] == stage0_fingerprint(TinyConfig(), QUICK)
+    assert 0.0 <= meta["vision_tower"]["cell_accuracy"] <= 1.0  # stage 0a's held-out report
     assert not (tmp_path / f"{entry.name}.ckpt.pt").exists()  # removed when finished
     init = build_tiny_model(TinyConfig(), seed=QUICK.train_seed).model.state_dict()
     trained = bundle.model.state_dict()
@@ -62,4 +65,6 @@ def test_stage0_trains_every_weight_and_is_cached(tmp_path, monkeypatch):
         assert torch.equal(value, trained[key])
     # Another stage-0 config has another fingerprint: the cache entry is not reused.
     with pytest.raises(AssertionError, match="loaded from the cache"):
-        load_or_pretrain_tiny(CTX, TinyConfig(), Stage0Config(steps=4, batch_size=4, n_train=16))
+        load_or_pretrain_tiny(
+            CTX, TinyConfig(), Stage0Config(steps=4, batch_size=4, n_train=16, vision_steps=3)
+        )

@@ -1,6 +1,7 @@
 """Loop units: schedule, gradient-accumulation equivalence, NaN stop, resume, batch order."""
 
 import math
+import random
 from types import SimpleNamespace
 
 import pytest
@@ -125,6 +126,30 @@ def test_batch_schedule_covers_each_epoch_once_and_shards_ranks():
     assert ranks[0].micro_batch(0) != ranks[0].micro_batch(3)  # epoch 1 is reshuffled
     with pytest.raises(ValueError, match="too few"):
         BatchSchedule(3, batch_size=4, grad_accum=1, seed=0, ctx=CTX)
+
+
+def test_length_grouping_keeps_each_epochs_samples_and_batches_similar_lengths():
+    rng = random.Random(0)
+    lengths = [rng.choice((20, 300)) for _ in range(64)]
+    make = lambda grouped: BatchSchedule(  # noqa: E731
+        64, batch_size=4, grad_accum=1, seed=3, ctx=CTX, lengths=lengths if grouped else None
+    )
+    plain, grouped = make(False), make(True)
+    steps = plain.steps_per_epoch
+    for epoch in range(2):
+        ms = range(epoch * steps, (epoch + 1) * steps)
+        # The same samples each epoch (the sampler's), only regrouped.
+        assert sorted(i for m in ms for i in plain.micro_batch(m)) == sorted(
+            i for m in ms for i in grouped.micro_batch(m)
+        )
+
+    def padded_tokens(schedule):
+        return sum(4 * max(lengths[i] for i in schedule.micro_batch(m)) for m in range(steps))
+
+    assert padded_tokens(grouped) < 0.75 * padded_tokens(plain)
+    mixed = [m for m in range(steps) if len({lengths[i] for i in grouped.micro_batch(m)}) > 1]
+    assert len(mixed) <= 2  # at most the boundary batch of each group of 8 (here 2 groups)
+    assert grouped.micro_batch(0) != grouped.micro_batch(steps)  # epoch 1 regrouped
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):

@@ -229,6 +229,10 @@ class CoinTrainDataset(TorchDataset):
     def __len__(self) -> int:
         return len(self.tokenized)
 
+    def lengths(self) -> list[int]:
+        """Tokens of every sample (image tokens included), in dataset order."""
+        return [len(ids) for ids in self.tokenized["input_ids"]]
+
     def pixel_values(self, image_path: str) -> torch.Tensor:
         """Processed pixels of one image file, from the cache when possible: [3, H, W]."""
         cached = self._pixel_cache.get(image_path)

@@ -2,12 +2,14 @@
 
 The model: a CLIP vision tower (2 layers × 64 wide, 8-px patches over mini-CoIN's 32-px
 images: 16 image tokens), a two-layer GELU projector, and a Llama LLM (4 layers × 128
-wide) over the character tokenizer. Built from config, it knows nothing; stage 0 trains
-*every* weight on mini-CoIN's `Stage0/train.json` scene descriptions only (never on the
-continual tasks' data), which teaches it to read colours, shapes, positions and glyphs.
-Stage 0 plays the role of Vicuna + the LLaVA pretraining projector in CoIN: a fixed
-starting point, so it uses its own seed (`Stage0Config.data_seed/train_seed`), not the
-run's.
+wide) over the character tokenizer. Built from config, it knows nothing; stage 0 plays the
+role of CLIP + Vicuna + the LLaVA pretraining projector in CoIN (a fixed starting point, with
+its own seeds `Stage0Config.data_seed/train_seed`, not the run's), in two parts:
+
+- 0a: the vision tower alone learns to classify every 8×8 patch (= one grid cell) of freshly
+  drawn scenes (`tiny_vision`): CLIP's pretraining, in miniature;
+- 0b: with the tower frozen, the projector and LLM learn mini-CoIN's `Stage0/train.json`
+  scene descriptions (never the continual tasks' data): colours, shapes, positions, glyphs.
 
 Weights are looked up in order: the shipped asset `sefe_fast/assets/tiny-stage0/`, the
 cache `$SEFE_FAST_CACHE` (default `~/.cache/sefe_fast`) `/tiny-stage0-<fingerprint>/`, else
@@ -26,7 +28,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ from sefe_fast.data.char_tokenizer import IMAGE_TOKEN, build_char_tokenizer
 from sefe_fast.data.minicoin import MINICOIN_IMAGE_SIZE
 from sefe_fast.io_utils import atomic_write_json
 from sefe_fast.model.build import ModelBundle
+from sefe_fast.model.tiny_vision import pretrain_vision_tower
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-stage0"
 STAGE0_META = "stage0.json"
@@ -72,7 +75,7 @@ class TinyConfig:
 class Stage0Config:
     """Stage-0 training: optimizer steps, batch (global), lr, data size and the fixed seeds."""
 
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 32
     lr: float = 2e-3
     warmup_ratio: float = 0.03
@@ -80,6 +83,16 @@ class Stage0Config:
     n_train: int = 8000
     data_seed: int = 0
     train_seed: int = 0
+    # Stage 0a: the vision tower alone on per-cell classification (`tiny_vision`); then
+    # frozen for stage 0b (captions), as LLaVA keeps CLIP frozen.
+    vision_steps: int = 1000
+    vision_batch_size: int = 128
+    vision_lr: float = 3e-3
+
+    def with_steps(self, steps: int) -> Stage0Config:
+        """This config with `steps` caption steps; the tower's steps capped at `steps` too, so
+        that a few-step stage 0 (tests, `--stage0-steps 2`) is quick end to end."""
+        return replace(self, steps=steps, vision_steps=min(self.vision_steps, steps))
 
 
 def default_cache_root() -> Path:
@@ -207,10 +220,27 @@ def pretrain_stage0(
         progress=ctx.is_main,
     )
     bundle = build_tiny_model(cfg, s0.train_seed)
-    model = bundle.model.to(ctx.device)
+    model = bundle.model
+    tower = model.model.vision_tower
     # LLaVA reads the tower's hidden states before its final layer norm: that norm gets no
-    # gradient, and DDP requires every trainable parameter to get one.
-    model.model.vision_tower.post_layernorm.requires_grad_(False)
+    # gradient (and DDP requires every trainable parameter to get one).
+    tower.post_layernorm.requires_grad_(False)
+    # Stage 0a: every rank trains the same tower from the same seed (a few seconds), so the
+    # ranks agree without a broadcast.
+    vision_report = pretrain_vision_tower(
+        tower,
+        steps=s0.vision_steps,
+        batch_size=s0.vision_batch_size,
+        lr=s0.vision_lr,
+        seed=s0.train_seed,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        progress=ctx.is_main,
+    )
+    if ctx.is_main:
+        print(f"[sefe_fast] stage 0a (vision tower): {vision_report}")
+    tower.requires_grad_(False)
+    model = model.to(ctx.device)
     dataset, stats = load_train_dataset(
         Path(data_dir) / "Stage0" / "train.json",
         data_dir,
@@ -268,6 +298,7 @@ def pretrain_stage0(
                 "tiny": asdict(cfg),
                 "stage0": asdict(s0),
                 "final_loss": result.last_loss,
+                "vision_tower": vision_report,
                 "seconds": result.seconds,
                 "data": stats.summary(),
                 "command": "python -m sefe_fast.model.tiny --out DIR",
@@ -318,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     from sefe_fast.train.distributed import init_distributed, shutdown_distributed
 
     ctx = init_distributed()
-    s0 = Stage0Config(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+    s0 = replace(Stage0Config(), steps=args.steps, batch_size=args.batch_size, lr=args.lr)
     pretrain_stage0(args.out, TinyConfig(), s0, ctx)
     shutdown_distributed()
     return 0

@@ -60,6 +60,7 @@ class RunConfig:
     save_every: int
     log_every: int
     flash_attn: bool
+    group_by_length: bool
     liger: bool
     bf16: bool
     gradient_checkpointing: bool
@@ -100,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vision-tower", help="CLIP vision model directory")
     g.add_argument("--projector", help="LLaVA pretraining mm_projector file (.bin/.safetensors)")
     g.add_argument(
-        "--stage0-steps", type=int, help="tiny model: stage-0 steps (default: the shipped weights')"
+        "--stage0-steps",
+        type=int,
+        help="tiny model: stage-0 caption steps, vision-tower steps capped at the same "
+        "(default: the shipped weights')",
     )
     g = p.add_argument_group("data")
     g.add_argument("--data", help="folder with <Task>/train.json and <Task>/test.json")
@@ -143,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, help="log every N optimizer steps")
     g = p.add_argument_group("speed")
     g.add_argument("--no-flash-attn", dest="flash_attn", action="store_false", default=None)
+    g.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        default=None,
+        help="micro-batches in plain shuffled order (default: samples of similar length together)",
+    )
     g.add_argument("--no-liger", dest="liger", action="store_false", default=None)
     g.add_argument("--no-bf16", dest="bf16", action="store_false", default=None)
     g.add_argument(

@@ -162,7 +162,7 @@ class ContinualRun:
 
             s0 = Stage0Config()
             if cfg.stage0_steps is not None:
-                s0 = Stage0Config(steps=cfg.stage0_steps)
+                s0 = s0.with_steps(cfg.stage0_steps)
             bundle = load_or_pretrain_tiny(ctx, TinyConfig(), s0)
         elif cfg.llm is not None:
             bundle = assemble_llava(cfg.llm, cfg.vision_tower, cfg.projector, dtype=dtype)
@@ -191,6 +191,7 @@ class ContinualRun:
             save_every=cfg.save_every,
             seed=_stage_seed(cfg.seed, stage),
             share_prompt_prefix=not self.accel_info["gradient_checkpointing"],
+            group_by_length=cfg.group_by_length,
         )
 
     def load_saved_stage(self, model: torch.nn.Module, stage: int, task: str):

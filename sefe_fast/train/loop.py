@@ -6,7 +6,9 @@ token-mean cross-entropy over all of the step's answer tokens on all ranks (each
 micro-batch's summed CE is divided by the global token count), so accumulation and data
 parallelism give the same update as one big batch. The method's extra loss (RegLoRA
 penalty) is added once per step. Data order is a DistributedSampler permutation per epoch,
-cut into per-rank micro-batches; a resumed loop recomputes it and starts at its step.
+cut into per-rank micro-batches, by default grouped by length (`group_by_length`: samples
+of similar length share a micro-batch, so ASD's few long explanations do not pad every
+batch); a resumed loop recomputes the order and starts at its step.
 
 Shared prompt prefix (`share_prompt_prefix`): every sample starts with the same tokens
 (bos, the system line, "USER: " — about half of a tiny-model sequence in characters).
@@ -22,6 +24,7 @@ import contextlib
 import copy
 import math
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,6 +71,7 @@ class LoopConfig:
     save_every: int = 0
     seed: int = 0
     share_prompt_prefix: bool = True
+    group_by_length: bool = True
 
 
 @dataclass
@@ -90,7 +94,16 @@ class BatchSchedule:
     `steps_per_epoch · grad_accum` micro-batches so every step sees whole micro-batches.
     """
 
-    def __init__(self, n: int, *, batch_size: int, grad_accum: int, seed: int, ctx: DistContext):
+    def __init__(
+        self,
+        n: int,
+        *,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        ctx: DistContext,
+        lengths: Sequence[int] | None = None,
+    ):
         self.n, self.batch_size, self.grad_accum, self.seed, self.ctx = (
             n,
             batch_size,
@@ -98,6 +111,9 @@ class BatchSchedule:
             seed,
             ctx,
         )
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} samples")
+        self.lengths = lengths
         per_rank = n // ctx.world_size
         self.steps_per_epoch = per_rank // batch_size // grad_accum
         if self.steps_per_epoch == 0:
@@ -121,13 +137,41 @@ class BatchSchedule:
                 drop_last=True,
             )
             sampler.set_epoch(epoch)
-            order = list(sampler)
-            self._batches = [
-                order[i : i + self.batch_size]
-                for i in range(0, per_epoch * self.batch_size, self.batch_size)
-            ]
+            order = list(sampler)[: per_epoch * self.batch_size]
+            if self.lengths is not None:
+                self._batches = group_by_length(
+                    order, self.lengths, self.batch_size, seed=self.seed + 1_000 * epoch
+                )
+            else:
+                self._batches = [
+                    order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)
+                ]
             self._epoch = epoch
         return self._batches[position]
+
+
+# Micro-batches whose samples are sorted together by length (LLaVA's "megabatch").
+LENGTH_GROUP_BATCHES = 8
+
+
+def group_by_length(
+    order: Sequence[int], lengths: Sequence[int], batch_size: int, *, seed: int
+) -> list[list[int]]:
+    """Cut `order` into micro-batches of similar length: returns lists of dataset indices.
+
+    Every run of `LENGTH_GROUP_BATCHES` micro-batches of `order` is sorted by length and cut
+    again, then all micro-batches are shuffled (seeded). The samples, and which group a sample
+    falls in, stay those of `order`; only who shares a micro-batch changes. With ASD a few
+    samples carry ~300-token explanations: grouped, they no longer pad every batch they land
+    in to their length (measured: 2x fewer tokens computed on mini-CoIN's default preset).
+    """
+    group = batch_size * LENGTH_GROUP_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), group):
+        chunk = sorted(order[start : start + group], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    random.Random(seed).shuffle(batches)
+    return batches
 
 
 def total_steps(cfg: LoopConfig, steps_per_epoch: int) -> int:
@@ -250,6 +294,7 @@ def train_task(
         grad_accum=cfg.grad_accum,
         seed=cfg.seed,
         ctx=ctx,
+        lengths=dataset.lengths() if cfg.group_by_length and hasattr(dataset, "lengths") else None,
     )
     n_steps = total_steps(cfg, schedule.steps_per_epoch)
     params = [p for group in param_groups for p in group["params"]]

@@ -37,6 +37,7 @@ BASE: dict[str, Any] = {
     "eval_batch_size": 64,
     "save_every": 0,
     "log_every": 10,
+    "group_by_length": True,
     "flash_attn": True,
     "liger": True,
     "bf16": True,
