@@ -10,7 +10,6 @@ the same stage; two runs of one method with the same seed are refused (double co
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ from sefe_fast.run_results import (
     load_results,
     markdown_table,
     paper_row_values,
+    run_dirs_cli,
 )
 
 
@@ -151,21 +151,13 @@ def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path) -> tup
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry: compare runs and print the table."""
-    parser = argparse.ArgumentParser(
+    """CLI entry: see the module docstring."""
+    return run_dirs_cli(
+        argv,
         prog="python -m sefe_fast.compare",
         description="Compare runs side by side (mean ± std over seeds per method).",
+        write=write_comparison,
     )
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: .)")
-    args = parser.parse_args(argv)
-    try:
-        markdown_path, _ = write_comparison(args.run_dirs, args.out)
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(markdown_path.read_text(encoding="utf-8"), end="")
-    return 0
 
 
 if __name__ == "__main__":

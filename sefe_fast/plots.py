@@ -150,3 +150,18 @@ def plot_method_comparison(
     axes.set_title("Continual metrics per method (mean ± sample std over seeds)")
     axes.legend(fontsize=8)
     return _save(figure, path)
+
+
+def plot_stability_plasticity(
+    labels: Sequence[str], mft: Sequence[float], mfn: Sequence[float], path: Path
+) -> Path:
+    """Scatter of MFN (stability) against MFT (plasticity), one labelled point per run."""
+    figure = _new_figure(5.5, 4.5)
+    axes = figure.add_subplot()
+    axes.scatter(mft, mfn, color="tab:blue")
+    for label, x, y in zip(labels, mft, mfn):
+        axes.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axes.set_xlabel("MFT (percent): accuracy right after learning a task")
+    axes.set_ylabel("MFN (percent): accuracy after the last task")
+    axes.set_title("Stability–plasticity of the sweep")
+    return _save(figure, path)

@@ -7,9 +7,11 @@ null where not evaluated), "metrics": {...}, "method": str, "seed": int, "config
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +116,26 @@ def paper_row_values(results: dict[str, Any]) -> dict[str, float | None]:
     for key in METRIC_KEYS:
         values[key] = results["metrics_recomputed"][key]
     return values
+
+
+def run_dirs_cli(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    write: Callable[[Sequence[Path], Path], tuple[Path, Path]],
+) -> int:
+    """The shared CLI of the multi-run tools: `RUN_DIR ... [--out DIR]`, `write(run_dirs, out)`
+    makes a Markdown file and a plot; the Markdown is printed. Returns the exit status (1 with a
+    message on stderr for missing or bad runs)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: .)")
+    args = parser.parse_args(argv)
+    try:
+        markdown_path, _ = write(args.run_dirs, args.out)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(markdown_path.read_text(encoding="utf-8"), end="")
+    return 0
