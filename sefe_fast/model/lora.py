@@ -7,16 +7,13 @@ trained fully, outside LoRA, and saved separately.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from sefe_fast.io_utils import atomic_path
+from sefe_fast.io_utils import atomic_directory, atomic_path
 
 LORA_TARGETS: tuple[str, ...] = (
     "q_proj",
@@ -92,18 +89,10 @@ def save_adapter(peft_model: PeftModel, out_dir: str | Path, with_projector: boo
     sees either the complete adapter or none.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         peft_model.save_pretrained(tmp, safe_serialization=True)
         if with_projector:
             save_projector(peft_model, tmp / PROJECTOR_FILE)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

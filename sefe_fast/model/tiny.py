@@ -26,8 +26,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ from transformers import (
 
 from sefe_fast.data.char_tokenizer import IMAGE_TOKEN, build_char_tokenizer
 from sefe_fast.data.minicoin import MINICOIN_IMAGE_SIZE
-from sefe_fast.io_utils import atomic_write_json
+from sefe_fast.io_utils import atomic_directory, atomic_write_json
 from sefe_fast.model.build import ModelBundle
 from sefe_fast.model.tiny_vision import pretrain_vision_tower
 
@@ -310,17 +308,9 @@ def pretrain_stage0(
 
 
 def _save_dir_atomically(model: torch.nn.Module, out_dir: Path, meta: dict[str, Any]) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         atomic_write_json(tmp / STAGE0_META, meta)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_or_pretrain_tiny(
