@@ -34,6 +34,11 @@ def sweep_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
     tasks = {tuple(r["tasks"]) for r in results}
     if len(tasks) > 1:
         raise ValueError(f"the runs do not share one task list: {sorted(tasks)}")
+    for run_dir, result in zip(run_dirs, results):
+        if not isinstance(result.get("config"), dict):
+            raise ValueError(
+                f"{Path(run_dir) / 'results.json'}: no 'config' to read the settings from"
+            )
     varying = [key for key in SWEPT_KEYS if len({str(r["config"].get(key)) for r in results}) > 1]
     rows = []
     for run_dir, result in zip(run_dirs, results):

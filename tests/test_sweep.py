@@ -46,3 +46,14 @@ def test_cli_writes_table_and_plot_and_refuses_mixed_task_lists(tmp_path, capsys
     c = make_run(tmp_path, "c", 0.02, 250.0, [[50.0]], tasks=["ScienceQA"])
     assert main([str(a), str(c), "--out", str(out)]) == 1
     assert "task list" in capsys.readouterr().err
+
+
+def test_a_run_without_config_is_named_in_the_error(tmp_path):
+    a = make_run(tmp_path, "a", 0.02, 250.0, [[80.0, None], [40.0, 90.0]])
+    bare = tmp_path / "bare"
+    atomic_write_json(
+        bare / "results.json",
+        {"tasks": TASKS, "accuracy": [[1.0, None], [1.0, 1.0]], "metrics": {}, "method": "sefe"},
+    )
+    with pytest.raises(ValueError, match=r"bare.*config"):
+        sweep_rows([a, bare])

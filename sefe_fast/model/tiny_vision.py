@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 from sefe_fast.data.minicoin_render import (
     BACKGROUND,
@@ -128,14 +129,7 @@ def pretrain_vision_tower(
     head = torch.nn.Linear(width, len(CELL_CLASSES))
     params = [p for p in vision_tower.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     vision_tower.train()
     loss = torch.tensor(float("nan"))
     bar = tqdm(range(steps), desc="stage 0a (vision tower)", disable=not progress)
@@ -157,9 +151,7 @@ def pretrain_vision_tower(
         pixels, labels = draw_batch(held_out, 512, mean, std)
         predicted = head(patch_features(vision_tower, pixels)).argmax(-1)
     right = predicted == labels
-    is_object = ~torch.tensor(
-        [[CELL_CLASSES[i].startswith("empty|") for i in row] for row in labels.tolist()]
-    )
+    is_object = labels >= len(BACKGROUND_NAMES)  # the background classes come first
     return {
         "cell_accuracy": right.float().mean().item(),
         "object_cell_accuracy": right[is_object].float().mean().item(),
