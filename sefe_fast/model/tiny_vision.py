@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from sefe_fast.data.minicoin_render import (
     BACKGROUND,
@@ -129,7 +128,16 @@ def pretrain_vision_tower(
     head = torch.nn.Linear(width, len(CELL_CLASSES))
     params = [p for p in vision_tower.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    warmup = max(1, steps // 20)
+
+    # Kept as trained for the shipped weights (warmup from 1/warmup, not transformers' 0), so
+    # the README's rebuild command reproduces them.
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     vision_tower.train()
     loss = torch.tensor(float("nan"))
     bar = tqdm(range(steps), desc="stage 0a (vision tower)", disable=not progress)
