@@ -21,7 +21,7 @@ from sefe_fast.data.minicoin import (
     main,
 )
 from sefe_fast.data.minicoin_render import BACKGROUND, CELL, COLOURS, GRID
-from sefe_fast.data.minicoin_tasks import OPTION_LETTERS
+from sefe_fast.data.minicoin_tasks import OPTION_LETTERS, SCIENCEQA_OPTION_SETS
 from sefe_fast.tasks import COIN_TASKS, task_spec
 
 SMALL = {"n_train": 40, "n_test": 12, "n_stage0": 30}
@@ -125,6 +125,8 @@ def test_answers_match_the_pictures(data: Path) -> None:
         question, letter = (turn["value"] for turn in record["conversations"])
         options = dict(re.findall(r"^([A-D])\. (\w+)$", question, re.MULTILINE))
         assert letter in OPTION_LETTERS and options[letter] == record["asd"]["answer"]
+        # v2: the shown icon's fixed option set, always in the same order
+        assert tuple(options.values()) in SCIENCEQA_OPTION_SETS
     for record in read_json_records(data / "Grounding" / "test.json"):
         x1, y1, x2, y2 = (float(v) for v in record["answer_bbox"].strip("[]").split(","))
         pixels = _pixels(data, record["image"])
@@ -145,3 +147,27 @@ def test_answers_match_the_pictures(data: Path) -> None:
             pixels = _pixels(data, record["image"])
             occupied = {cell for colour in COLOURS.values() for cell in _cells_with(pixels, colour)}
             assert len(occupied) == int(record["answer"])
+
+
+def test_gqa_answers_are_read_off_the_one_shape(data: Path) -> None:
+    kinds = set()
+    for record in read_json_records(data / "GQA" / "test.json"):
+        pixels = _pixels(data, record["image"])
+        occupied = {cell for colour in COLOURS.values() for cell in _cells_with(pixels, colour)}
+        rows, cols = {r for r, _ in occupied}, {c for _, c in occupied}
+        answer, question = record["answer"], record["text"]
+        # one small shape, or one large one inside a 2×2 block
+        assert occupied and max(rows) - min(rows) <= 1 and max(cols) - min(cols) <= 1, record
+        if answer in COLOURS:
+            assert _cells_with(pixels, COLOURS[answer]) == occupied
+        elif answer in ("small", "large"):
+            assert (len(occupied) == 1) == (answer == "small")
+        kinds.add(question.split()[1])  # "color", "shape" or "the"
+    assert len(kinds) == 3
+
+
+def test_stage0_data_is_pinned(data: Path) -> None:
+    """The shipped tiny model was trained on this Stage0/train.json: changing a task generator
+    must not change it (else bump STAGE0_VERSION and rebuild the asset; see tiny.py)."""
+    digest = hashlib.sha256((data / "Stage0" / "train.json").read_bytes()).hexdigest()
+    assert digest == "0d8e89f97a4fe9d6e0867222fc94c39e9e30c4a8b3a699b06b671f7d8093203f"

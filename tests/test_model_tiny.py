@@ -68,3 +68,13 @@ def test_stage0_trains_every_weight_and_is_cached(tmp_path, monkeypatch):
         load_or_pretrain_tiny(
             CTX, TinyConfig(), Stage0Config(steps=4, batch_size=4, n_train=16, vision_steps=3)
         )
+
+
+def test_shipped_asset_matches_the_current_stage0_settings():
+    """A change to the tiny model, Stage0Config or the stage-0 data (STAGE0_VERSION) must come
+    with a rebuilt asset (README: the rebuild command), else every run retrains stage 0."""
+    meta = json.loads((tiny.ASSET_DIR / tiny.STAGE0_META).read_text())
+    assert meta["fingerprint"] == stage0_fingerprint(TinyConfig(), Stage0Config()), (
+        "sefe_fast/assets/tiny-stage0 is stale: rebuild it (README, 'The tiny LLaVA')"
+    )
+    assert (tiny.ASSET_DIR / "model.safetensors").is_file()

@@ -12,7 +12,9 @@ def test_default_preset_is_sefe_on_all_tasks_with_paper_method_settings():
     cfg = parse_config(["coin"])
     assert cfg.model == "tiny" and cfg.data is None
     assert cfg.method == "sefe" and cfg.tasks == list(COIN_TASKS)
-    assert (cfg.reg_lambda, cfg.mask_ratio, cfg.asd_ratio) == (2.5e3, 0.02, 0.2)
+    # M and X are the paper's; λ is rescaled to the tiny model's learning rate (presets.py)
+    assert (cfg.reg_lambda, cfg.mask_ratio, cfg.asd_ratio) == (2.5e2, 0.02, 0.2)
+    assert parse_config(["coin", "--reg-lambda", "2500"]).reg_lambda == 2.5e3
     assert cfg.stage0_steps is None  # the shipped stage-0 weights
     assert Stage0Config().steps > 0
 
@@ -39,6 +41,7 @@ def test_paper_preset_has_the_papers_recipe_and_needs_a_model_and_data(capsys):
         0.03,
     )
     assert cfg.lora_dropout == 0.05 and cfg.weight_decay == 0.0 and cfg.max_steps is None
+    assert (cfg.reg_lambda, cfg.mask_ratio, cfg.asd_ratio, cfg.task_steps) == (2.5e3, 0.02, 0.2, {})
     assembled = parse_config(
         ["coin", "--preset", "paper", "--llm", "v", "--vision-tower", "c", "--data", "d"]
     )
@@ -52,3 +55,24 @@ def test_bad_flags_are_named(capsys):
     with pytest.raises(SystemExit):
         parse_config(["coin", "--data", "somewhere"])  # the tiny model only knows mini-CoIN
     assert "tiny model" in capsys.readouterr().err
+
+
+def test_task_steps_override_max_steps_for_the_named_tasks(capsys):
+    cfg = parse_config(["coin", "--max-steps", "50", "--task-steps", "GQA=120, OCRVQA=90"])
+    assert cfg.task_steps == {"GQA": 120, "OCRVQA": 90}
+    assert [cfg.max_steps_for(t) for t in ("GQA", "OCRVQA", "VizWiz")] == [120, 90, 50]
+    # A step count given alone is for every task: the preset's per-task budgets are dropped.
+    preset = parse_config(["coin"])
+    assert parse_config(["coin", "--max-steps", "7"]).task_steps == {}
+    assert parse_config(["coin", "--epochs", "1"]).max_steps_for("GQA") == preset.max_steps
+    assert parse_config(["coin", "--task-steps", ""]).task_steps == {}
+    assert preset.task_steps is not PRESETS["default"]["task_steps"]  # a copy, not the preset
+    for bad, named in (
+        ("GQA", "'GQA'"),
+        ("Foo=3", "Foo"),
+        ("GQA=-1", "GQA=-1"),
+        ("GQA=0", "GQA=0"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_config(["coin", "--task-steps", bad])
+        assert named in capsys.readouterr().err

@@ -139,17 +139,27 @@ def test_every_method_hook_is_called_in_order(tmp_path, cache, monkeypatch):
     monkeypatch.setenv("SEFE_FAST_CACHE", str(cache))
     monkeypatch.setitem(METHODS, "spy", SpyMethod)
     SpyMethod.calls = []
-    config = parse_config([*ARGS, "--method", "spy", "--output-dir", str(tmp_path / "run")])
+    # --task-steps: TextVQA trains 3 steps, ScienceQA the preset's 4
+    config = parse_config(
+        [
+            *ARGS,
+            "--method",
+            "spy",
+            "--task-steps",
+            "TextVQA=3",
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     results = run_continual(config)
-    extra = [("extra", s) for s in range(4)]
     assert SpyMethod.calls == [
         ("prepare", "ScienceQA"),
         ("before", "ScienceQA", 1, True),
-        *extra,
+        *[("extra", s) for s in range(4)],
         ("after", "ScienceQA", 1, True, True),  # before the merge: LoRA still attached
         ("prepare", "TextVQA"),
         ("before", "TextVQA", 2, True),
-        *extra,
+        *[("extra", s) for s in range(3)],
         ("after", "TextVQA", 2, True, True),
     ]
     state = json.loads((tmp_path / "run" / "run_state.json").read_text())

@@ -23,15 +23,27 @@ choice below makes the pictures as easy to read as possible:
 - 6 bold colours with exact RGB values and no noise, on a mid-gray background; 5 shapes;
   8 icons (8×8 bitmaps drawn at 2×); a 5×7 capital-letter font, black on white tiles.
 - Answers are short (per-character decoding) and each task has its own small vocabulary:
-  ScienceQA option letters (the content is which icon is shown, 2–4 options);
-  TextVQA 16 sign words; ImageNet 8 icon names; GQA colours, shapes and left/right from
-  compositional questions (attribute of a referred object, relations "left of"/"above");
-  VizWiz colours, or "Unanswerable" for a dark or empty photo (~25%); Grounding boxes
-  snapped to the grid, so each coordinate is one of 0.00, 0.25, 0.50, 0.75, 1.00;
-  VQAv2 counts 0–5 and yes/no; OCRVQA two-word book titles (8 × 8) and author names.
+  ScienceQA option letters (which icon is shown; the four options are the icon's fixed set,
+  always in the same order); TextVQA 16 sign words; ImageNet 8 icon names; GQA the colour,
+  the shape, or small/large of the one shape in the picture (three question kinds: the
+  answer kind follows the question); VizWiz colours, or "Unanswerable" for a dark or
+  empty photo (~25%); Grounding the box of the one shape, snapped to the grid, so each
+  coordinate is one of 0.00, 0.25, 0.50, 0.75, 1.00; VQAv2 counts 1–4 and yes/no on
+  whether a colour is present; OCRVQA two-word book titles (8 × 8) and author names.
   Sharing the icons between ScienceQA (a letter) and ImageNet (a name) is deliberate: it is
   the textbook case of superficial forgetting (the model still knows the object but answers
   in the newest task's style).
+- Generator v2 (GENERATOR_VERSION 2) made three tasks learnable by the tiny model and
+  simplified a fourth. v1 had shuffled ScienceQA options, GQA relations between 2–4 shapes
+  ("the object left of the red circle"), Grounding among 2–4 shapes and VQAv2 counts of one
+  colour or kind: each needs the model to find a thing by its description or to match the
+  picture to a place in the prompt, and the 4-layer character-level LLM stayed at chance on
+  them whatever the step count (RESULTS.md), so plain LoRA's fine-tune accuracy (MFT) was
+  ~45 and the benchmark measured capacity more than forgetting. Grounding (one shape now) is
+  still not learnt: a box needs where the shape is, and the tiny tower's features keep little
+  position (RESULTS.md). The tasks keep CoIN's answer formats (a letter, a box, a word or
+  phrase). Stage 0's captions are versioned apart (STAGE0_VERSION): the
+  shipped tiny model is trained on them, so a task change does not force a rebuild.
 - Stage 0 captions every kind of scene the tasks use (shapes with positions and counts,
   icons, signs, book covers, dark/empty photos) so that alignment teaches each attribute
   the tasks ask about; it never asks a task's questions.
@@ -79,13 +91,18 @@ DEFAULT_N_TRAIN = 500
 DEFAULT_N_TEST = 60
 DEFAULT_N_STAGE0 = 4000
 STAGE0 = "Stage0"
-GENERATOR_VERSION = 1  # bump when the generated data changes for a given seed
+# Bump when the generated data changes for a given seed: GENERATOR_VERSION for the task
+# splits, STAGE0_VERSION for Stage0/train.json — the shipped tiny model was trained on that
+# (it is part of its fingerprint), so changing it means rebuilding the asset.
+GENERATOR_VERSION = 2  # v2: new ScienceQA, GQA, Grounding and VQAv2 (see above)
+STAGE0_VERSION = 1
 MANIFEST = "manifest.json"
 
 
 def _rng(seed: int, name: str, split: str) -> random.Random:
     # A string seed is hashed with SHA-512 by `random`, independent of PYTHONHASHSEED.
-    return random.Random(f"minicoin/v{GENERATOR_VERSION}/{seed}/{name}/{split}")
+    version = STAGE0_VERSION if name == STAGE0 else GENERATOR_VERSION
+    return random.Random(f"minicoin/v{version}/{seed}/{name}/{split}")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -161,6 +178,7 @@ def _parameters(seed: int, n_train: int, n_test: int, n_stage0: int) -> dict[str
     return {
         "generator": "sefe_fast.data.minicoin",
         "version": GENERATOR_VERSION,
+        "stage0_version": STAGE0_VERSION,
         "seed": seed,
         "n_train": n_train,
         "n_test": n_test,

@@ -164,7 +164,8 @@ def stage0_fingerprint(cfg: TinyConfig, s0: Stage0Config) -> str:
             "tiny": asdict(cfg),
             "stage0": asdict(s0),
             "vocab": build_char_tokenizer().get_vocab(),
-            "minicoin": getattr(minicoin, "GENERATOR_VERSION", None),
+            # Only the stage-0 data matters here; the task splits have their own version.
+            "minicoin": minicoin.STAGE0_VERSION,
         },
         sort_keys=True,
     )

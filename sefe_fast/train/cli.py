@@ -44,6 +44,7 @@ class RunConfig:
     max_grad_norm: float
     epochs: float
     max_steps: int | None
+    task_steps: dict[str, int]
     global_batch_size: int
     per_device_batch_size: int
     max_length: int
@@ -72,6 +73,10 @@ class RunConfig:
         """The settings that determine the results (what a resumed run must share)."""
         return {k: v for k, v in asdict(self).items() if k not in NOT_FINGERPRINTED}
 
+    def max_steps_for(self, task: str) -> int | None:
+        """Optimizer steps for `task`: its `task_steps` entry, else `max_steps` (None: epochs)."""
+        return self.task_steps.get(task, self.max_steps)
+
     @property
     def uses_tiny(self) -> bool:
         """True for the built-in tiny LLaVA (no model given)."""
@@ -84,6 +89,24 @@ def _task_list(text: str) -> list[str]:
     if unknown or not tasks:
         raise argparse.ArgumentTypeError(f"unknown tasks {unknown}; choose from {COIN_TASKS}")
     return tasks
+
+
+def _task_steps(text: str) -> dict[str, int]:
+    """'GQA=140,OCRVQA=140' → {"GQA": 140, "OCRVQA": 140} ('' → {})."""
+    out: dict[str, int] = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        task, sep, steps = item.partition("=")
+        if not sep or task.strip() not in COIN_TASKS or not steps.strip().isdigit():
+            raise argparse.ArgumentTypeError(
+                f"--task-steps: {item!r} is not TASK=STEPS with TASK one of {COIN_TASKS} "
+                "and STEPS a positive integer"
+            )
+        if int(steps) < 1:
+            raise argparse.ArgumentTypeError(f"--task-steps: {item!r}: steps must be >= 1")
+        out[task.strip()] = int(steps)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-grad-norm", type=float, help="gradient clipping threshold (0 = off)")
     g.add_argument("--epochs", type=float, help="epochs per task (unless --max-steps)")
     g.add_argument("--max-steps", type=int, help="optimizer steps per task (overrides --epochs)")
+    g.add_argument(
+        "--task-steps",
+        type=_task_steps,
+        help="optimizer steps for named tasks, e.g. 'GQA=140,OCRVQA=140' (wins over "
+        "--max-steps for them; '' = none). Giving --max-steps or --epochs alone drops the "
+        "preset's",
+    )
     g.add_argument("--global-batch-size", type=int, help="samples per optimizer step, all ranks")
     g.add_argument("--per-device-batch-size", type=int, help="samples per micro-batch per rank")
     g.add_argument("--max-length", type=int, help="tokens per sample (after image expansion)")
@@ -174,6 +204,9 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     for f in fields(RunConfig):
         given = args.get(f.name)
         values[f.name] = given if given is not None else preset.get(f.name)
+    values["task_steps"] = dict(values["task_steps"] or {})  # never the preset's own dict
+    if args["task_steps"] is None and (args["max_steps"] is not None or args["epochs"] is not None):
+        values["task_steps"] = {}  # a step count given on the command line is for every task
     needs_model = args["preset"] in REQUIRES_MODEL_AND_DATA
     if needs_model and values["model"] is None and values["llm"] is None:
         parser.error(f"--preset {args['preset']} needs --model (or --llm/--vision-tower)")

@@ -176,14 +176,15 @@ class ContinualRun:
 
     # ------------------------------------------------------------------ stages
 
-    def loop_config(self, stage: int) -> LoopConfig:
-        """The per-task loop settings (data order seeded per stage)."""
+    def loop_config(self, stage: int, task: str) -> LoopConfig:
+        """The per-task loop settings (data order seeded per stage; `task_steps` wins over
+        `max_steps` for the tasks it names)."""
         cfg = self.cfg
         return LoopConfig(
             per_device_batch_size=cfg.per_device_batch_size,
             grad_accum=self.grad_accum,
             epochs=cfg.epochs,
-            max_steps=cfg.max_steps,
+            max_steps=cfg.max_steps_for(task),
             warmup_ratio=cfg.warmup_ratio,
             weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm,
@@ -249,7 +250,7 @@ class ContinualRun:
             dataset,
             lambda items: collate_train(items, pad),
             groups,
-            self.loop_config(stage),
+            self.loop_config(stage, task),
             ctx,
             accel=self.accel,
             extra_loss=self.method.extra_loss,
