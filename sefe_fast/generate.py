@@ -19,6 +19,7 @@ from sefe_fast.data.conversation import (
     image_placeholder_id,
     with_image_placeholder,
 )
+from sefe_fast.train.distributed import all_reduce_sum
 
 
 def encode_prompt(
@@ -65,12 +66,14 @@ def greedy_generate_batch(
     eos_token_id: int,
     pad_token_id: int,
     banned_token_ids: Sequence[int] = (),
+    lockstep: bool = False,
 ) -> list[list[int]]:
     """Greedy continuation of each prompt (one image each), up to and excluding eos.
 
     pixel_values: [B, 3, H, W] on the model's device. `banned_token_ids` are never chosen
-    (the image placeholder: a generated one could not be fed back). Returns the new token
-    ids per prompt.
+    (the image placeholder: a generated one could not be fed back). `lockstep`: keep
+    decoding until every rank's batch is done (a sharded model's forward is collective).
+    Returns the new token ids per prompt.
     """
     device = pixel_values.device
     input_ids, attention_mask = left_pad(prompts, pad_token_id)
@@ -97,7 +100,7 @@ def greedy_generate_batch(
         finished |= next_token == eos_token_id
         for row in torch.nonzero(~finished).flatten().tolist():
             generated[row].append(int(next_token[row]))
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if step == max_new_tokens - 1 or _all_done(bool(finished.all()), lockstep, device):
             break
         step_ids = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
@@ -110,6 +113,22 @@ def greedy_generate_batch(
         )
         next_positions = next_positions + 1
     return generated
+
+
+def _all_done(done: bool, lockstep: bool, device: torch.device) -> bool:
+    """`done` on this rank, or (lockstep) on every rank."""
+    if not lockstep:
+        return done
+    return all_reduce_sum(torch.tensor([0.0 if done else 1.0], device=device)).item() == 0.0
+
+
+def _global_max(value: int, lockstep: bool, device: torch.device | str) -> int:
+    """`value`, or (lockstep) its maximum over ranks."""
+    if not lockstep:
+        return value
+    counts = torch.zeros(torch.distributed.get_world_size(), device=device)
+    counts[torch.distributed.get_rank()] = value
+    return int(all_reduce_sum(counts).max())
 
 
 def greedy_generate(
@@ -126,22 +145,30 @@ def greedy_generate(
     progress: bool = False,
     desc: str = "generating",
     autocast: Any = None,
+    lockstep: bool = False,
 ) -> list[list[int]]:
     """Greedy-decode many prompts in batches of similar length; outputs in input order.
 
     `pixel_values[i]` ([3, H, W]) is prompt i's image. `autocast` is an optional context
-    manager factory (bf16 on CUDA); `banned_token_ids` are never generated. Returns the generated token ids (eos excluded).
+    manager factory (bf16 on CUDA); `banned_token_ids` are never generated. `lockstep`
+    (a sharded model): every rank runs as many batches and decoding steps as the busiest
+    one, repeating its first batch and dropping the outputs where it has run out; every
+    rank needs at least one prompt. Returns the generated token ids (eos excluded).
     """
     if len(prompts) != len(pixel_values):
         raise ValueError(f"{len(prompts)} prompts but {len(pixel_values)} images")
+    if lockstep and not prompts:
+        raise ValueError("lockstep generation needs at least one prompt on every rank")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]
     was_training = model.training
     model.eval()
-    starts = range(0, len(order), batch_size)
+    starts = list(range(0, len(order), batch_size))
+    n_batches = _global_max(len(starts), lockstep, device)
     try:
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-            rows = order[start : start + batch_size]
+        for b in tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False):
+            padding = b >= len(starts)  # lockstep only: this rank is out of prompts
+            rows = order[starts[0 if padding else b] :][:batch_size]
             pixels = torch.stack([pixel_values[i] for i in rows]).to(device)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 outputs = greedy_generate_batch(
@@ -152,7 +179,10 @@ def greedy_generate(
                     eos_token_id=eos_token_id,
                     pad_token_id=pad_token_id,
                     banned_token_ids=banned_token_ids,
+                    lockstep=lockstep,
                 )
+            if padding:
+                continue
             for row, output in zip(rows, outputs):
                 results[row] = output
     finally:

@@ -26,6 +26,7 @@ def test_flags_override_the_preset():
     assert cfg.method == "lora" and cfg.lr == 0.5 and cfg.tasks == ["GQA", "VizWiz"]
     assert cfg.max_steps == PRESETS["smoke"]["max_steps"]
     assert not parse_config(["coin", "--no-liger", "--no-flash-attn"]).liger
+    assert parse_config(["coin", "--fsdp"]).fsdp and not parse_config(["coin"]).fsdp
 
 
 def test_paper_preset_has_the_papers_recipe_and_needs_a_model_and_data(capsys):

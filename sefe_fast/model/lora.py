@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 
 from sefe_fast.io_utils import atomic_directory, atomic_path
+from sefe_fast.model.sharding import add_to_weight, is_sharded, reshard_all
 
 LORA_TARGETS: tuple[str, ...] = (
     "q_proj",
@@ -64,8 +66,24 @@ def attach_lora(
 
 
 def merge_lora(peft_model: PeftModel) -> torch.nn.Module:
-    """Merge the LoRA update (scaled B·A) into the base weights; return the plain model."""
-    model = peft_model.merge_and_unload()
+    """Merge the LoRA update (scaled B·A) into the base weights; return the plain model.
+
+    A sharded model (`--fsdp`) gets each rank's rows of the update added to its shard;
+    otherwise peft merges.
+    """
+    if is_sharded(peft_model):
+        reshard_all(peft_model)
+        with torch.no_grad():
+            for module in peft_model.modules():
+                if not isinstance(module, LoraLayer):
+                    continue
+                for name in module.active_adapters:
+                    if name in module.lora_A:
+                        delta = module.get_delta_weight(name)
+                        add_to_weight(module.get_base_layer().weight, delta)
+        model = peft_model.unload()
+    else:
+        model = peft_model.merge_and_unload()
     for param in model.parameters():
         param.requires_grad_(False)
     return model

@@ -65,6 +65,7 @@ class RunConfig:
     liger: bool
     bf16: bool
     gradient_checkpointing: bool
+    fsdp: bool
     skip_bad: bool
     num_proc: int
     stage0_steps: int | None
@@ -176,6 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, help="in-task checkpoint every N steps (0 = off)")
     g.add_argument("--log-every", type=int, help="log every N optimizer steps")
     g = p.add_argument_group("speed")
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        default=None,
+        help="shard the frozen model over the ranks (FSDP2) for models that do not fit one "
+        "device; the LoRA and projector stay whole on every rank",
+    )
     g.add_argument("--no-flash-attn", dest="flash_attn", action="store_false", default=None)
     g.add_argument(
         "--no-group-by-length",

@@ -33,9 +33,11 @@ from sefe_fast.model.lora import (
     load_projector,
     lora_parameters,
     merge_lora,
+    projector_module,
     projector_parameters,
     save_adapter,
 )
+from sefe_fast.model.sharding import local_parameter_share, shard_model
 from sefe_fast.tasks import task_spec
 from sefe_fast.train.checkpoint import (
     RunState,
@@ -111,6 +113,9 @@ class ContinualRun:
                 f"--per-device-batch-size {cfg.per_device_batch_size} x {ctx.world_size} ranks"
             )
         self.grad_accum = cfg.global_batch_size // per_step
+        self.sharded = cfg.fsdp and ctx.distributed
+        if cfg.fsdp and not ctx.distributed and ctx.is_main:
+            print("[sefe_fast] --fsdp with one process: nothing to shard over, running unsharded")
         self.method: ContinualMethod = build_method(
             cfg.method,
             MethodConfig(
@@ -168,10 +173,25 @@ class ContinualRun:
             bundle = assemble_llava(cfg.llm, cfg.vision_tower, cfg.projector, dtype=dtype)
         else:
             bundle = load_llava(cfg.model, dtype=dtype)
-        model = bundle.model.to(ctx.device)
+        model = bundle.model
+        if not self.sharded:
+            model = model.to(ctx.device)
         for param in model.parameters():
             param.requires_grad_(False)
         self.accel_info = apply_accel(model, self.accel, ctx.device)
+        if self.sharded:
+            # Each block moves to the device as it is sharded: the whole model never has to
+            # fit there.
+            blocks = shard_model(
+                model, ctx.device, ctx.world_size, keep_whole=projector_module(model).parameters()
+            )
+            share = local_parameter_share(model)
+            self.accel_info.update(fsdp_blocks=blocks, fsdp_rank0_param_share=round(share, 4))
+            if ctx.is_main:
+                print(
+                    f"[sefe_fast] fsdp: {blocks} blocks sharded; rank 0 holds {share:.1%} of "
+                    "the parameters"
+                )
         return bundle
 
     # ------------------------------------------------------------------ stages
@@ -191,7 +211,7 @@ class ContinualRun:
             log_every=cfg.log_every,
             save_every=cfg.save_every,
             seed=_stage_seed(cfg.seed, stage),
-            share_prompt_prefix=not self.accel_info["gradient_checkpointing"],
+            share_prompt_prefix=not self.accel_info["gradient_checkpointing"] and not self.sharded,
             group_by_length=cfg.group_by_length,
         )
 
@@ -230,7 +250,9 @@ class ContinualRun:
         seed_everything(_stage_seed(cfg.seed, stage))  # same LoRA init on every rank
         peft_model = attach_lora(
             model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout
-        ).to(ctx.device)
+        )
+        if not self.sharded:  # sharded, peft puts the factors beside their (device) weights
+            peft_model = peft_model.to(ctx.device)
         for param in projector_parameters(peft_model):
             param.data = param.data.float()  # the projector trains in fp32 (autocast computes)
         self.method.before_task(peft_model, task, stage)
@@ -288,6 +310,8 @@ class ContinualRun:
         if not records:
             raise ValueError(f"{self.data_dir / task / 'test.json'}: no test records")
         shard = list(range(self.ctx.rank, len(records), self.ctx.world_size))
+        if self.sharded and not shard:
+            shard = [0]  # lockstep decoding needs a prompt on every rank; rank 0's answer is kept
         b = self.bundle
         prompts = [
             encode_prompt(
@@ -333,12 +357,16 @@ class ContinualRun:
             progress=self.ctx.is_main,
             desc=f"eval {eval_task}",
             autocast=lambda: autocast(self.accel, self.ctx.device),
+            lockstep=self.sharded,
         )
         texts = [b.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
         gathered = gather_objects(list(zip(test.shard, texts)))
         if not self.ctx.is_main:
             return None
-        by_index = dict(pair for part in gathered for pair in part)
+        by_index: dict[int, str] = {}
+        for part in gathered:  # in rank order: a padding rank's repeat never wins
+            for index, text in part:
+                by_index.setdefault(index, text)
         return [
             {
                 "question_id": rec.question_id,

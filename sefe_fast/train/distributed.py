@@ -81,6 +81,25 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def average_gradients(params: list[torch.Tensor]) -> None:
+    """Replace each parameter's gradient by its mean over ranks (what DDP does), in one
+    all-reduce of the flattened gradients. A missing gradient counts as zeros (and is
+    created), so every rank reduces the same shapes."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+        offset += n
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (on every rank; a one-element list without torchrun)."""
     if not (dist.is_available() and dist.is_initialized()):

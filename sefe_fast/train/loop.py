@@ -1,5 +1,5 @@
 """The per-task training loop: AdamW, cosine schedule with warmup, gradient accumulation,
-clipping, DDP, periodic checkpoints, a NaN/inf stop, and a tqdm bar + JSONL log on rank 0.
+clipping, DDP (or FSDP, `sefe_fast.model.sharding`), periodic checkpoints, a NaN/inf stop, and a tqdm bar + JSONL log on rank 0.
 
 One optimizer step consumes `grad_accum` micro-batches per rank. The loss of a step is the
 token-mean cross-entropy over all of the step's answer tokens on all ranks (each
@@ -37,8 +37,14 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from sefe_fast.model.accel import AccelConfig, autocast
+from sefe_fast.model.sharding import is_sharded
 from sefe_fast.train.checkpoint import capture_rng, restore_rng
-from sefe_fast.train.distributed import DistContext, all_reduce_sum, gather_objects
+from sefe_fast.train.distributed import (
+    DistContext,
+    all_reduce_sum,
+    average_gradients,
+    gather_objects,
+)
 from sefe_fast.train.train_log import TrainLog
 
 # Test hook: the process exits abruptly (like a SIGKILL) after this many optimizer steps.
@@ -318,7 +324,11 @@ def train_task(
         if log is not None:
             log.truncate_after(phase, start)
     train_model = model
-    if ctx.distributed:
+    # A sharded model (FSDP) keeps its trainable parameters whole on every rank and averages
+    # their gradients itself after the step's micro-batches; otherwise DDP does it.
+    sharded = is_sharded(model)
+    use_ddp = ctx.distributed and not sharded
+    if use_ddp:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         train_model = DistributedDataParallel(model, device_ids=device_ids)
     model.train()
@@ -345,14 +355,12 @@ def train_task(
         penalty = None
         for j, batch in enumerate(micro):
             last = j == len(micro) - 1
-            no_sync = (
-                train_model.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
-            )
+            no_sync = train_model.no_sync() if use_ddp and not last else contextlib.nullcontext()
             with no_sync, autocast(accel, ctx.device):
                 batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                prefix = (
-                    shared_prefix_length(batch, image_token_id) if cfg.share_prompt_prefix else 0
-                )
+                # Sharded, every rank must run the same number of forwards: no prefix pass.
+                share = cfg.share_prompt_prefix and not sharded
+                prefix = shared_prefix_length(batch, image_token_id) if share else 0
                 out = forward_with_shared_prefix(model, train_model, batch, per_rank_items, prefix)
                 loss = out.loss
                 if last and extra_loss is not None:
@@ -361,6 +369,8 @@ def train_task(
                         loss = loss + penalty
             loss.backward()
             ce_sum += out.loss.detach().double()
+        if sharded:
+            average_gradients(params)
         stats = all_reduce_sum(ce_sum.reshape(1)) / ctx.world_size
         loss_value = float(stats[0])
         penalty_value = float(penalty.detach()) if penalty is not None else 0.0

@@ -43,6 +43,7 @@ BASE: dict[str, Any] = {
     "liger": True,
     "bf16": True,
     "gradient_checkpointing": True,
+    "fsdp": False,
     "skip_bad": False,
     "num_proc": 1,
     "stage0_steps": None,  # tiny model only: None = Stage0Config's (the shipped weights')
