@@ -19,7 +19,6 @@ from sefe_fast.data.conversation import (
     image_placeholder_id,
     with_image_placeholder,
 )
-from sefe_fast.train.distributed import all_reduce_sum
 
 
 def encode_prompt(
@@ -115,20 +114,18 @@ def greedy_generate_batch(
     return generated
 
 
-def _all_done(done: bool, lockstep: bool, device: torch.device) -> bool:
-    """`done` on this rank, or (lockstep) on every rank."""
-    if not lockstep:
-        return done
-    return all_reduce_sum(torch.tensor([0.0 if done else 1.0], device=device)).item() == 0.0
-
-
 def _global_max(value: int, lockstep: bool, device: torch.device | str) -> int:
     """`value`, or (lockstep) its maximum over ranks."""
     if not lockstep:
         return value
-    counts = torch.zeros(torch.distributed.get_world_size(), device=device)
-    counts[torch.distributed.get_rank()] = value
-    return int(all_reduce_sum(counts).max())
+    box = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(box, op=torch.distributed.ReduceOp.MAX)
+    return int(box.item())
+
+
+def _all_done(done: bool, lockstep: bool, device: torch.device) -> bool:
+    """`done` on this rank, or (lockstep) on every rank."""
+    return _global_max(int(not done), lockstep, device) == 0
 
 
 def greedy_generate(

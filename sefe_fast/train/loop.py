@@ -1,5 +1,6 @@
 """The per-task training loop: AdamW, cosine schedule with warmup, gradient accumulation,
-clipping, DDP (or FSDP, `sefe_fast.model.sharding`), periodic checkpoints, a NaN/inf stop, and a tqdm bar + JSONL log on rank 0.
+clipping, DDP (or FSDP, `sefe_fast.model.sharding`), periodic checkpoints, a NaN/inf stop,
+and a tqdm bar + JSONL log on rank 0.
 
 One optimizer step consumes `grad_accum` micro-batches per rank. The loss of a step is the
 token-mean cross-entropy over all of the step's answer tokens on all ranks (each
