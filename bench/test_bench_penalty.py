@@ -37,8 +37,8 @@ from bench.cases import (
     rounds_for,
 )
 from sefe_fast.memory_measure import SavedTensorBytes, peak_extra_bytes_on
-from sefe_fast.profile_memory import plan_nbytes
 from sefe_fast.reglora import KeyElements, reference_penalty_from_indices, reglora_penalty
+from sefe_fast.reglora.plan import plan_tensors
 
 IMPLS = [
     pytest.param("vanilla", "reference", "cpu", id="vanilla-cpu"),
@@ -117,8 +117,7 @@ def test_penalty_fwd_bwd(
         existing.append(indices)
     else:
         plan = key_elements.plan(device)
-        existing += [plan.rows, plan.cols, plan.weights, plan.row_ptr, plan.col_order]
-        existing.append(plan.col_ptr)
+        existing += list(plan_tensors(plan).values())
     saved = SavedTensorBytes(existing)
 
     loss_value: list[torch.Tensor] = []
@@ -151,7 +150,7 @@ def test_penalty_fwd_bwd(
     else:
         plan = key_elements.plan(device)
         info["mask_bytes"] = key_elements.nbytes
-        info["plan_bytes"] = plan_nbytes(plan)
+        info["plan_bytes"] = plan.nbytes
         info["unique_positions"] = plan.num_unique
     benchmark.extra_info.update(info)
     rounds = rounds_for(shape, device, seconds)

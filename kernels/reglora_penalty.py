@@ -1,11 +1,15 @@
 """Fused Triton kernels for the RegLoRA penalty, never building ΔW = B·A.
 
 For one LoRA pair (B: k×r, A: r×d) and its `PositionPlan` (unique positions u with
-weights w_u = multiplicity / n_total, sorted row-major, plus a column-major order):
+multiplicities c_u, sorted row-major, plus a column-major order; n = Σ_u c_u):
 
-    value   = Σ_u w_u · |Σ_j B[row_u, j] · A[j, col_u]|
-    ∂/∂B[i] = Σ_{u in row i} w_u·sign_u · A[:, col_u]      (segment sum, CSR order)
-    ∂/∂A[:,j] = Σ_{u in col j} w_u·sign_u · B[row_u, :]    (segment sum, CSC order)
+    value   = (1/n) Σ_u c_u · |Σ_j B[row_u, j] · A[j, col_u]|
+    ∂/∂B[i] = (1/n) Σ_{u in row i} c_u·sign_u · A[:, col_u]      (segment sum, CSR order)
+    ∂/∂A[:,j] = (1/n) Σ_{u in col j} c_u·sign_u · B[row_u, :]    (segment sum, CSC order)
+
+The kernels work on c_u (the plan's narrow uint8 counts, int16 rows/cols, widened in
+registers); the 1/n of each matrix is applied by the launcher, to the per-matrix sums on
+the way out and to the upstream gradient on the way back.
 
 Three kernels, each launched once for a whole group of same-shape matrices (grid axis 1
 is the matrix index); a single matrix is a group of one:
@@ -18,12 +22,12 @@ is the matrix index); a single matrix is a group of one:
   fp32 partial sum per program. The partials are summed by torch in a fixed order:
   deterministic, no atomics.
 - `_reglora_grad_b_kernel`: a block of ROWS rows per program; for each row it walks the
-  row's positions (row_ptr) and accumulates w·sign·Aᵀ[col] in fp32.
+  row's positions (row_ptr) and accumulates c·sign·Aᵀ[col] in fp32.
 - `_reglora_grad_a_kernel`: a block of COLS columns per program; for each column it walks
-  the column's positions (col_ptr/col_order) and accumulates w·sign·B[row] in fp32,
+  the column's positions (col_ptr/col_order) and accumulates c·sign·B[row] in fp32,
   writing the gradient of Aᵀ (contiguous rows); autograd transposes it back.
 
-Weights w_u stay in the plan (fp32, already on the device); the forward saves only the
+Multiplicities stay in the plan (already on the device); the forward saves only the
 int8 sign (1 byte per unique position, ternary so that sign(0) = 0 exactly as
 torch.abs's gradient: a fresh LoRA has B = 0, so ΔW = 0 at every position).
 """
@@ -37,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sefe_fast.reglora.plan import PositionPlan, tensors_to
+from sefe_fast.reglora.plan import PositionPlan, index_dtype, tensors_to
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -96,12 +100,12 @@ _MIN_FWD_BLOCK_U = min(
 def _reglora_fwd_kernel(
     b_ptr,  # [M, K, R] contiguous, factors' dtype
     at_ptr,  # [M, D, R] contiguous (Aᵀ per matrix)
-    rows_ptr,  # int32 [U] (all matrices concatenated)
-    cols_ptr,  # int32 [U]
-    weights_ptr,  # fp32 [U]
+    rows_ptr,  # int16/int32 [U] (all matrices concatenated)
+    cols_ptr,  # int16/int32 [U]
+    counts_ptr,  # uint8/int32 [U], multiplicity of each position
     row_ptr_ptr,  # int32 [M, K+1], global offsets into the position arrays
     sign_ptr,  # int8 [U], output: sign of ΔW at each position
-    partial_ptr,  # fp32 [M, n_slots], output: per-program Σ w·|ΔW|
+    partial_ptr,  # fp32 [M, n_slots], output: per-program Σ c·|ΔW|
     n_slots,
     K,
     D,
@@ -117,7 +121,7 @@ def _reglora_fwd_kernel(
     in_seg = pos < seg_end
     rows = tl.load(rows_ptr + pos, mask=in_seg, other=0).to(tl.int64)
     cols = tl.load(cols_ptr + pos, mask=in_seg, other=0).to(tl.int64)
-    weights = tl.load(weights_ptr + pos, mask=in_seg, other=0.0)
+    counts = tl.load(counts_ptr + pos, mask=in_seg, other=0).to(tl.float32)
     m64 = m.to(tl.int64)
     b_rows = b_ptr + m64 * K * R + rows[:, None] * R
     at_rows = at_ptr + m64 * D * R + cols[:, None] * R
@@ -130,7 +134,7 @@ def _reglora_fwd_kernel(
         dots += tl.sum(b * a, axis=1)
     sign = tl.where(dots > 0, 1, 0) - tl.where(dots < 0, 1, 0)
     tl.store(sign_ptr + pos, sign.to(tl.int8), mask=in_seg)
-    partial = tl.sum(weights * tl.abs(dots), axis=0)
+    partial = tl.sum(counts * tl.abs(dots), axis=0)
     tl.store(partial_ptr + m64 * n_slots + block, partial)
 
 
@@ -140,11 +144,11 @@ def _reglora_fwd_kernel(
 @triton.jit
 def _reglora_grad_b_kernel(
     at_ptr,  # [M, D, R] contiguous
-    cols_ptr,  # int32 [U]
-    weights_ptr,  # fp32 [U]
+    cols_ptr,  # int16/int32 [U]
+    counts_ptr,  # uint8/int32 [U]
     sign_ptr,  # int8 [U]
     row_ptr_ptr,  # int32 [M, K+1]
-    grad_out_ptr,  # fp32 [M], upstream gradient of each matrix's penalty
+    grad_out_ptr,  # fp32 [M], upstream gradient of each matrix's penalty, times 1/n
     grad_b_ptr,  # [M, K, R] contiguous, output in the factors' dtype
     K,
     D,
@@ -172,7 +176,7 @@ def _reglora_grad_b_kernel(
                 pos = off + tl.arange(0, BLOCK_U)
                 in_row = pos < end
                 cols = tl.load(cols_ptr + pos, mask=in_row, other=0).to(tl.int64)
-                w = tl.load(weights_ptr + pos, mask=in_row, other=0.0)
+                w = tl.load(counts_ptr + pos, mask=in_row, other=0).to(tl.float32)
                 s = tl.load(sign_ptr + pos, mask=in_row, other=0).to(tl.float32)
                 at = tl.load(
                     at_ptr + m64 * D * R + cols[:, None] * R + ranks[None, :],
@@ -193,12 +197,12 @@ def _reglora_grad_b_kernel(
 @triton.jit
 def _reglora_grad_a_kernel(
     b_ptr,  # [M, K, R] contiguous
-    rows_ptr,  # int32 [U]
-    weights_ptr,  # fp32 [U]
+    rows_ptr,  # int16/int32 [U]
+    counts_ptr,  # uint8/int32 [U]
     sign_ptr,  # int8 [U]
     col_order_ptr,  # int32 [U], global position indices in column-major order
     col_ptr_ptr,  # int32 [M, D+1], global offsets into col_order
-    grad_out_ptr,  # fp32 [M]
+    grad_out_ptr,  # fp32 [M], times 1/n
     grad_at_ptr,  # [M, D, R] contiguous, output (gradient of Aᵀ) in the factors' dtype
     K,
     D,
@@ -227,7 +231,7 @@ def _reglora_grad_a_kernel(
                 in_col = q < end
                 pos = tl.load(col_order_ptr + q, mask=in_col, other=0)
                 rows = tl.load(rows_ptr + pos, mask=in_col, other=0).to(tl.int64)
-                w = tl.load(weights_ptr + pos, mask=in_col, other=0.0)
+                w = tl.load(counts_ptr + pos, mask=in_col, other=0).to(tl.float32)
                 s = tl.load(sign_ptr + pos, mask=in_col, other=0).to(tl.float32)
                 b = tl.load(
                     b_ptr + m64 * K * R + rows[:, None] * R + ranks[None, :],
@@ -247,23 +251,27 @@ def block_r_for(rank: int) -> int:
     return max(16, min(MAX_BLOCK_R, triton.next_power_of_2(max(int(rank), 1))))
 
 
+COUNT_DTYPES = (torch.uint8, torch.int32)
+
+
 def _check_plan_tensors(index: int, plan: PositionPlan) -> None:
-    """The kernels read the plan's arrays as contiguous int32 / fp32 of PositionPlan's sizes."""
+    """The kernels read the plan's arrays as contiguous tensors of PositionPlan's dtypes and sizes."""
     k, d = plan.shape
     u = plan.num_unique
     expected = {
-        "rows": (torch.int32, u),
-        "cols": (torch.int32, u),
-        "weights": (torch.float32, u),
-        "row_ptr": (torch.int32, k + 1),
-        "col_order": (torch.int32, u),
-        "col_ptr": (torch.int32, d + 1),
+        "rows": ((index_dtype(k),), u),
+        "cols": ((index_dtype(d),), u),
+        "counts": (COUNT_DTYPES, u),
+        "row_ptr": ((torch.int32,), k + 1),
+        "col_order": ((torch.int32,), u),
+        "col_ptr": ((torch.int32,), d + 1),
     }
-    for name, (dtype, size) in expected.items():
+    for name, (dtypes, size) in expected.items():
         tensor = getattr(plan, name)
-        if tensor.dtype != dtype or tensor.numel() != size or not tensor.is_contiguous():
+        if tensor.dtype not in dtypes or tensor.numel() != size or not tensor.is_contiguous():
+            wanted = " or ".join(str(dtype) for dtype in dtypes)
             raise ValueError(
-                f"plan {index}: {name} must be a contiguous {dtype} tensor of {size} elements, "
+                f"plan {index}: {name} must be a contiguous {wanted} tensor of {size} elements, "
                 f"got {tensor.dtype} {tuple(tensor.shape)}"
             )
 
@@ -272,21 +280,23 @@ def _check_plan_tensors(index: int, plan: PositionPlan) -> None:
 class GroupedPositionPlan:
     """The plans of M matrices of one shape, concatenated for single-launch kernels.
 
-    rows, cols, weights: the plans' unique positions concatenated in matrix order
-    ([U_total]); row_ptr: int32 [M, K+1] and col_ptr: int32 [M, D+1], each plan's offsets
-    shifted by the number of positions before it, so both index the concatenated arrays;
-    col_order: int32 [U_total], each plan's column-major permutation shifted likewise.
-    num_unique / n_total: per matrix. max_unique: the largest per-matrix position count
-    (sizes the forward grid). Build once per task with `from_plans` and reuse.
+    rows, cols, counts: the plans' unique positions and multiplicities concatenated in
+    matrix order ([U_total], the plans' dtypes); row_ptr: int32 [M, K+1] and col_ptr: int32
+    [M, D+1], each plan's offsets shifted by the number of positions before it, so both
+    index the concatenated arrays; col_order: int32 [U_total], each plan's column-major
+    permutation shifted likewise. inv_n: fp32 [M], 1/n_total of each matrix (the mean's
+    scale). num_unique / n_total: per matrix. max_unique: the largest per-matrix position
+    count (sizes the forward grid). Build once per task with `from_plans` and reuse.
     """
 
     shape: tuple[int, int]
     rows: torch.Tensor
     cols: torch.Tensor
-    weights: torch.Tensor
+    counts: torch.Tensor
     row_ptr: torch.Tensor
     col_order: torch.Tensor
     col_ptr: torch.Tensor
+    inv_n: torch.Tensor
     num_unique: tuple[int, ...]
     n_total: tuple[int, ...]
 
@@ -335,20 +345,26 @@ class GroupedPositionPlan:
                 "split the group"
             )
         n_total = tuple(int(plan.n_total) for plan in plans)
+        device = plans[0].rows.device
+        inv_n = torch.tensor(
+            [plan.inv_n_total for plan in plans], dtype=torch.float32, device=device
+        )
         if len(plans) == 1:
             plan = plans[0]
             return cls(
                 shape=(k, d),
                 rows=plan.rows,
                 cols=plan.cols,
-                weights=plan.weights,
+                counts=plan.counts,
                 row_ptr=plan.row_ptr.reshape(1, k + 1),
                 col_order=plan.col_order,
                 col_ptr=plan.col_ptr.reshape(1, d + 1),
+                inv_n=inv_n,
                 num_unique=num_unique,
                 n_total=n_total,
             )
-        device = plans[0].rows.device
+        # One count dtype for the group: uint8 unless some plan needed int32.
+        count_dtype = max((plan.counts.dtype for plan in plans), key=COUNT_DTYPES.index)
         starts = [0]
         for count in num_unique[:-1]:
             starts.append(starts[-1] + count)
@@ -357,10 +373,11 @@ class GroupedPositionPlan:
             shape=(k, d),
             rows=torch.cat([plan.rows for plan in plans]),
             cols=torch.cat([plan.cols for plan in plans]),
-            weights=torch.cat([plan.weights for plan in plans]),
+            counts=torch.cat([plan.counts.to(count_dtype) for plan in plans]),
             row_ptr=torch.stack([plan.row_ptr for plan in plans]) + shift[:, None],
             col_order=torch.cat([plan.col_order + s for plan, s in zip(plans, starts)]),
             col_ptr=torch.stack([plan.col_ptr for plan in plans]) + shift[:, None],
+            inv_n=inv_n,
             num_unique=num_unique,
             n_total=n_total,
         )
@@ -381,7 +398,7 @@ def _check_runnable(tensor: torch.Tensor, what: str) -> None:
 def _forward(
     b: torch.Tensor, at: torch.Tensor, plan: GroupedPositionPlan
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-matrix penalties (fp32 [M]) and the int8 sign of ΔW at every unique position."""
+    """Per-matrix penalties (fp32 [M], already × 1/n) and the int8 sign of ΔW per position."""
     num_m, k, rank = b.shape
     d = at.shape[1]
     sign = torch.empty(plan.total_unique, dtype=torch.int8, device=b.device)
@@ -398,7 +415,7 @@ def _forward(
         at,
         plan.rows,
         plan.cols,
-        plan.weights,
+        plan.counts,
         plan.row_ptr,
         sign,
         partial,
@@ -408,7 +425,7 @@ def _forward(
         rank,
         BLOCK_R=block_r_for(rank),
     )
-    return partial.sum(dim=1), sign
+    return partial.sum(dim=1) * plan.inv_n, sign
 
 
 def _grad_b(
@@ -431,7 +448,7 @@ def _grad_b(
     _reglora_grad_b_kernel[grid](
         at,
         plan.cols,
-        plan.weights,
+        plan.counts,
         sign,
         plan.row_ptr,
         grad_out,
@@ -464,7 +481,7 @@ def _grad_at(
     _reglora_grad_a_kernel[grid](
         b,
         plan.rows,
-        plan.weights,
+        plan.counts,
         sign,
         plan.col_order,
         plan.col_ptr,
@@ -495,7 +512,7 @@ class RegLoRAPenaltyFunction(torch.autograd.Function):
     def backward(ctx, grad_values: torch.Tensor):
         b, at, sign = ctx.saved_tensors
         plan: GroupedPositionPlan = ctx.plan
-        grad_out = grad_values.to(torch.float32).contiguous()
+        grad_out = (grad_values.to(torch.float32) * plan.inv_n).contiguous()
         grad_b = _grad_b(at, sign, plan, grad_out, b) if ctx.needs_input_grad[0] else None
         grad_at = _grad_at(b, sign, plan, grad_out, at) if ctx.needs_input_grad[1] else None
         return grad_b, grad_at, None
@@ -593,7 +610,8 @@ def aot_launches(
         return torch.empty(16, dtype=tensor_dtype)
 
     factor, i32, f32 = tensor(dtype), tensor(torch.int32), tensor(torch.float32)
-    i8 = tensor(torch.int8)
+    i8, u8 = tensor(torch.int8), tensor(torch.uint8)
+    rows, cols = tensor(index_dtype(k)), tensor(index_dtype(d))
     block_r = {"BLOCK_R": block_r_for(rank)}
     n_slots = triton.cdiv(k * d // 8, FWD_CONFIGS_CUDA[0][0]["BLOCK_U"])
     return [
@@ -602,9 +620,9 @@ def aot_launches(
             args={
                 "b_ptr": factor,
                 "at_ptr": factor,
-                "rows_ptr": i32,
-                "cols_ptr": i32,
-                "weights_ptr": f32,
+                "rows_ptr": rows,
+                "cols_ptr": cols,
+                "counts_ptr": u8,
                 "row_ptr_ptr": i32,
                 "sign_ptr": i8,
                 "partial_ptr": f32,
@@ -620,8 +638,8 @@ def aot_launches(
             kernel=_reglora_grad_b_kernel,
             args={
                 "at_ptr": factor,
-                "cols_ptr": i32,
-                "weights_ptr": f32,
+                "cols_ptr": cols,
+                "counts_ptr": u8,
                 "sign_ptr": i8,
                 "row_ptr_ptr": i32,
                 "grad_out_ptr": f32,
@@ -637,8 +655,8 @@ def aot_launches(
             kernel=_reglora_grad_a_kernel,
             args={
                 "b_ptr": factor,
-                "rows_ptr": i32,
-                "weights_ptr": f32,
+                "rows_ptr": rows,
+                "counts_ptr": u8,
                 "sign_ptr": i8,
                 "col_order_ptr": i32,
                 "col_ptr_ptr": i32,

@@ -365,17 +365,19 @@ def roofline_model(
         n = tasks * ratio * entries
         r_bytes = rank * factor_bytes  # one gathered factor row
         factors = (k + d) * rank * factor_bytes * count
-        # forward: rows+cols+weights in, int8 sign out; stack B and transpose-stack A
-        # (read + write each factor once); each position gathers one Aᵀ row from L2, the B
-        # row is shared by the ~BLOCK_U positions of a row run and comes from L1.
-        hbm = 13 * u + 3 * factors
+        # forward: int16 rows + int16 cols + uint8 counts in, int8 sign out (6 B per
+        # position); stack B and transpose-stack A (read + write each factor once); each
+        # position gathers one Aᵀ row from L2, the B row is shared by the ~BLOCK_U positions
+        # of a row run and comes from L1.
+        hbm = 6 * u + 3 * factors
         rows.append(_row("fwd (fused gather)", shape, 2 * u * rank, hbm, hbm + u * r_bytes, False))
-        # grad B: cols+weights+sign by rows, gathers Aᵀ rows; writes grad B.
-        hbm = 9 * u + 4 * k * count + 2 * factors
+        # grad B: cols + counts + sign by rows (4 B), gathers Aᵀ rows; writes grad B.
+        hbm = 4 * u + 4 * k * count + 2 * factors
         rows.append(_row("grad_B (CSR)", shape, 2 * u * rank, hbm, hbm + u * r_bytes, False))
-        # grad A: col_order, then rows/weights/sign indirectly (3 scattered 32-byte sectors
-        # from L2 per position), gathers B rows; writes grad Aᵀ, transposed back by torch.
-        hbm = 13 * u + 4 * d * count + 2 * factors
+        # grad A: int32 col_order, then rows/counts/sign indirectly (8 B; 3 scattered
+        # 32-byte sectors from L2 per position), gathers B rows; writes grad Aᵀ, transposed
+        # back by torch.
+        hbm = 8 * u + 4 * d * count + 2 * factors
         l2 = hbm + u * (r_bytes + 96)
         rows.append(_row("grad_A (CSC)", shape, 2 * u * rank, hbm, l2, False))
         # Official: per step ΔW = B·A twice (forward + checkpoint recompute) and two GEMMs

@@ -13,10 +13,11 @@ For every number of prior tasks p = 0 … tasks-1 (training task p+1) it reports
   cached on disk — times the number of matrices of that shape (all matrices of one shape
   are given the same selections: the compact size depends on the mask's gaps, which are
   alike across matrices of one shape).
-- sefe_fast plan bytes: the `PositionPlan` the fast backends evaluate (int32 rows, cols,
-  col_order, fp32 weights per unique position, plus the row/column offsets), real nbytes,
-  scaled the same way. It is held while a task trains (on the GPU for the Triton backend);
-  the torch backend also caches 8 B per unique position for its column-order gathers.
+- sefe_fast plan bytes: the `PositionPlan` the fast backends evaluate (int16 rows and
+  cols, uint8 multiplicity and an int32 column-order permutation per unique position, plus
+  the row/column offsets), real nbytes, scaled the same way. It is held while a task trains
+  (on the GPU for the Triton backend); the torch backend also caches 3 B per unique
+  position (rows and multiplicities in column order) for its column-order pass.
 - peak and saved-for-backward bytes of the regularizer's forward+backward, *measured* on
   this machine once per distinct shape and p: the peak from the profiler's memory events
   (tensor bytes allocated net of frees; the persistent gradient buffers, which training
@@ -55,7 +56,6 @@ from sefe_fast.memory_measure import SavedTensorBytes, peak_extra_torch_bytes
 from sefe_fast.reglora import (
     KeyElements,
     KeyElementsFileError,
-    PositionPlan,
     load_key_elements,
     merge_key_elements,
     reference_penalty_from_indices,
@@ -64,6 +64,7 @@ from sefe_fast.reglora import (
     select_key_elements,
 )
 from sefe_fast.reglora.measure import random_lora
+from sefe_fast.reglora.plan import plan_tensors
 from sefe_fast.reglora.selection import num_selected
 from sefe_fast.reglora.storage import FORMAT_VERSION as KE_FORMAT_VERSION
 
@@ -198,12 +199,6 @@ def task_selection(
     return ke
 
 
-def plan_nbytes(plan: PositionPlan) -> int:
-    """Bytes of every tensor of a PositionPlan."""
-    parts = (plan.rows, plan.cols, plan.weights, plan.row_ptr, plan.col_order, plan.col_ptr)
-    return sum(t.numel() * t.element_size() for t in parts)
-
-
 # --- measuring one matrix ------------------------------------------------------------------
 @dataclass(frozen=True)
 class PenaltyMemory:
@@ -240,16 +235,7 @@ def measure_penalty_memory(
             return reference_penalty_from_indices(B, A, indices)
     elif side == "sefe_fast":
         plan = key_elements.plan()
-        existing = [
-            B,
-            A,
-            plan.rows,
-            plan.cols,
-            plan.weights,
-            plan.row_ptr,
-            plan.col_order,
-            plan.col_ptr,
-        ]
+        existing = [B, A, *plan_tensors(plan).values()]
 
         def forward() -> torch.Tensor:
             return reglora_penalty(B, A, key_elements, backend="torch")
@@ -353,7 +339,7 @@ def profile(
                     positions=len(merged),
                     unique_positions=plan.num_unique,
                     sefe_fast_mask_bytes=merged.nbytes,
-                    sefe_fast_plan_bytes=plan_nbytes(plan),
+                    sefe_fast_plan_bytes=plan.nbytes,
                     vanilla=measure_penalty_memory(lora_B, lora_A, merged, "vanilla", dtype),
                     sefe_fast=measure_penalty_memory(lora_B, lora_A, merged, "sefe_fast", dtype),
                 )
@@ -568,7 +554,6 @@ __all__ = [
     "main",
     "measure_penalty_memory",
     "parse_layout",
-    "plan_nbytes",
     "plot_profile",
     "profile",
     "task_selection",

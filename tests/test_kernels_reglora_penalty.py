@@ -125,6 +125,28 @@ def test_all_positions_of_the_matrix():
     check_against_reference(lora_b, lora_a, grid, (k, d))
 
 
+def test_int32_indices_for_dimensions_past_int16(monkeypatch):
+    """Matrices with a dimension over 32768 get int32 rows/cols: the kernels' wide path.
+
+    A real 33000-row matrix costs minutes under the interpreter (one program per row
+    block), so a small matrix is given the wide dtypes by widening `index_dtype`.
+    """
+    import sefe_fast.reglora.plan as plan_module
+    import sefe_fast_kernels.reglora_penalty as kernel_module
+
+    def wide(size: int) -> torch.dtype:
+        return torch.int32
+
+    monkeypatch.setattr(plan_module, "index_dtype", wide)
+    monkeypatch.setattr(kernel_module, "index_dtype", wide)
+    k, d = 37, 53
+    lora_b, lora_a = factors(k, d, 6, seed=5)
+    indices = random_indices(k, d, 300, seed=6)
+    plan = PositionPlan.from_indices(indices, (k, d))
+    assert plan.rows.dtype == plan.cols.dtype == torch.int32
+    check_against_reference(lora_b, lora_a, indices, (k, d))
+
+
 def test_empty_plan_gives_zero_and_zero_gradients():
     lora_b, lora_a = factors(13, 21, 8, seed=4)
     plan = PositionPlan.from_indices(torch.zeros(0, 2, dtype=torch.int64), (13, 21)).to(DEVICE)
@@ -180,6 +202,20 @@ def test_grouped_matches_per_matrix_and_dense_reference():
         assert_close(as_[m].grad, upstream[m] * single_grad_a, 1e-6, f"matrix {m} grad A vs single")
     assert values[1].item() == 0.0
     assert torch.count_nonzero(bs[1].grad).item() == 0
+
+
+def test_grouped_plan_widens_uint8_counts_when_one_plan_needs_int32():
+    k, d = 9, 13
+    lora_b, lora_a = factors(k, d, 5, seed=7)
+    few = random_indices(k, d, 40, seed=8)
+    many = torch.cat([random_indices(k, d, 3, seed=9)] * 300)  # each position ≥ 300 times
+    plans = [PositionPlan.from_indices(idx, (k, d)).to(DEVICE) for idx in (few, many)]
+    assert [p.counts.dtype for p in plans] == [torch.uint8, torch.int32]
+    grouped = GroupedPositionPlan.from_plans(plans)
+    assert grouped.counts.dtype == torch.int32
+    values = penalty_triton_grouped([lora_b, lora_b], [lora_a, lora_a], grouped)
+    for m, idx in enumerate((few, many)):
+        assert_close(values[m], reference(lora_b, lora_a, idx)[0], 1e-5, f"matrix {m}")
 
 
 def test_grouped_plan_offsets_index_the_concatenated_positions():
@@ -252,5 +288,5 @@ def test_half_precision_on_gpu_matches_fp32(dtype):
 def test_grouped_plan_rejects_plans_with_wrong_index_dtypes():
     plan = PositionPlan.from_indices(torch.tensor([[1, 2]]), (4, 5))
     wide = PositionPlan(**{**plan.__dict__, "cols": plan.cols.to(torch.int64)})
-    with pytest.raises(ValueError, match=r"plan 1: cols must be a contiguous torch.int32"):
+    with pytest.raises(ValueError, match=r"plan 1: cols must be a contiguous torch.int16 tensor"):
         GroupedPositionPlan.from_plans([plan, wide])

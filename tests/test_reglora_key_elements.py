@@ -121,6 +121,24 @@ def test_plan_matches_plan_from_indices_and_is_cached():
     assert merged.plan() is plan and merged.plan("cpu") is plan
 
 
+def test_plan_stores_narrow_types_and_widens_them_past_their_range():
+    small = merge_key_elements([_random_mask((64, 80), 0.1, s) for s in range(3)]).plan()
+    assert small.rows.dtype == small.cols.dtype == torch.int16
+    assert small.counts.dtype == torch.uint8
+    u = small.num_unique
+    # 2 + 2 + 1 + 4 bytes per unique position, plus the int32 row and column offsets
+    assert small.nbytes == 9 * u + 4 * (64 + 1) + 4 * (80 + 1)
+    # a dimension past int16's range gets int32 indices, the other one stays narrow
+    tall = KeyElements.from_linear(torch.tensor([0, 40_000 * 3 - 1]), (40_000, 3)).plan()
+    assert tall.rows.dtype == torch.int32 and tall.cols.dtype == torch.int16
+    assert tall.rows.tolist() == [0, 39_999] and tall.cols.tolist() == [0, 2]
+    # a position chosen more than 255 times (256+ tasks) gets int32 counts, not a wrap
+    many = merge_key_elements([KeyElements.from_linear(torch.tensor([7, 9]), (4, 5))] * 300)
+    plan = many.plan()
+    assert plan.counts.dtype == torch.int32 and plan.counts.tolist() == [300, 300]
+    assert plan.weights.tolist() == [0.5, 0.5]
+
+
 def test_empty_key_elements():
     ke = KeyElements.empty((4, 5))
     assert len(ke) == 0 and ke.nbytes == 0

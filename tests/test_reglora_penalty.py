@@ -76,6 +76,25 @@ def test_torch_backend_matches_reference(k, d, r, tasks, density):
         assert ke.plan().num_unique < len(ke)  # the case really has duplicate positions
 
 
+@pytest.mark.parametrize(
+    ("shape", "repeats"),
+    [((33_000, 5), 1), ((6, 35_000), 1), ((9, 13), 300)],
+    ids=["int32-rows", "int32-cols", "int32-counts"],
+)
+def test_torch_backend_on_plans_with_wide_indices_or_counts(shape, repeats):
+    """Plans whose rows, cols or multiplicities do not fit the narrow types still match."""
+    k, d = shape
+    gen = torch.Generator().manual_seed(k + d)
+    lora_B, lora_A = torch.randn(k, 3, generator=gen), torch.randn(3, d, generator=gen)
+    picked = torch.randperm(k * d, generator=gen)[:200]
+    ke = merge_key_elements([KeyElements.from_linear(picked, shape)] * repeats)
+    assert torch.int32 in (ke.plan().rows.dtype, ke.plan().cols.dtype, ke.plan().counts.dtype)
+    ref = _run(lora_B, lora_A, ke, "reference")
+    got = _run(lora_B, lora_A, ke, "torch")
+    for g, rf in zip(got, ref):
+        assert _rel(g, rf) <= 1e-5
+
+
 @pytest.mark.parametrize("chunk", [4, 12, 100, 1 << 20])
 def test_chunk_boundaries_inside_rows_and_columns(chunk):
     gen = torch.Generator().manual_seed(chunk)

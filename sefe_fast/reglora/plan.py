@@ -4,17 +4,25 @@ The penalty of one LoRA pair (B: k×r, A: r×d) over n merged key positions
 (duplicates kept, REFERENCE.md §2) is
 
     penalty = (1/n) Σ_p |(B·A)[row_p, col_p]|
-            = Σ_u w_u · |Σ_j B[row_u, j] · A[j, col_u]|,   w_u = count_u / n,
+            = (1/n) Σ_u c_u · |Σ_j B[row_u, j] · A[j, col_u]|,
 
-where u runs over the *unique* positions and count_u is how often position u was
-chosen. With s_u = w_u · sign(ΔW[row_u, col_u]) the gradients are
+where u runs over the *unique* positions and c_u is how often position u was chosen
+(its multiplicity). With s_u = c_u · sign(ΔW[row_u, col_u]) the gradients are
 
-    ∂/∂B[i, :] = Σ_{u in row i} s_u · A[:, col_u]     (CSR order: rows/cols/row_ptr)
-    ∂/∂A[:, j] = Σ_{u in col j} s_u · B[row_u, :]     (CSC order: col_order/col_ptr)
+    ∂/∂B[i, :] = (1/n) Σ_{u in row i} s_u · A[:, col_u]     (CSR order: rows/cols/row_ptr)
+    ∂/∂A[:, j] = (1/n) Σ_{u in col j} s_u · B[row_u, :]     (CSC order: col_order/col_ptr)
 
 Both segment sums are deterministic (no atomics), which is why the plan keeps both
 orders. A plan depends only on the key elements, so it is built once per task and
 reused for every training step.
+
+The plan lives in device memory for the whole task, so its per-position arrays are as
+narrow as the matrix allows: rows and cols are int16 when the dimension fits (every
+LLaVA-7B/13B matrix does), the multiplicity is uint8 (a position is chosen at most once
+per task, so it only overflows after 255 tasks; then int32), and the 1/n is applied once
+per matrix instead of being stored per position. That is 9 bytes per unique position
+(2 + 2 + 1 + 4 for the int32 column-major permutation) instead of 16 with int32 indices
+and fp32 weights.
 """
 
 from __future__ import annotations
@@ -26,10 +34,11 @@ import torch
 
 @dataclass(frozen=True)
 class PositionPlan:
-    """Unique positions of one matrix, with weights and CSR/CSC offsets.
+    """Unique positions of one matrix, with multiplicities and CSR/CSC offsets.
 
-    shape: (k, d) of ΔW. rows, cols: int32 [u], unique positions sorted row-major
-    (then by column). weights: float32 [u], multiplicity / n_total. row_ptr: int32 [k+1],
+    shape: (k, d) of ΔW. rows, cols: [u] unique positions sorted row-major (then by
+    column), `index_dtype(k)` / `index_dtype(d)` (int16 or int32). counts: [u]
+    multiplicity of each position, uint8 (int32 past 255). row_ptr: int32 [k+1],
     positions of row i are rows[row_ptr[i]:row_ptr[i+1]]. col_order: int32 [u], a
     permutation listing positions column-major; col_ptr: int32 [d+1], positions of
     column j are col_order[col_ptr[j]:col_ptr[j+1]]. n_total: number of positions with
@@ -39,7 +48,7 @@ class PositionPlan:
     shape: tuple[int, int]
     rows: torch.Tensor
     cols: torch.Tensor
-    weights: torch.Tensor
+    counts: torch.Tensor
     row_ptr: torch.Tensor
     col_order: torch.Tensor
     col_ptr: torch.Tensor
@@ -49,6 +58,21 @@ class PositionPlan:
     def num_unique(self) -> int:
         """Number of distinct positions."""
         return int(self.rows.numel())
+
+    @property
+    def inv_n_total(self) -> float:
+        """1 / n_total, the mean's scale (1 for an empty plan, whose sums are 0 anyway)."""
+        return 1.0 / max(self.n_total, 1)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """fp32 [u]: each position's weight in the mean, multiplicity / n_total (built on call)."""
+        return self.counts.to(torch.float32) / max(self.n_total, 1)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the plan's tensors (what a backend holds on its device for the task)."""
+        return plan_nbytes(self)
 
     @classmethod
     def from_indices(cls, indices: torch.Tensor, shape: tuple[int, int]) -> PositionPlan:
@@ -77,17 +101,17 @@ class PositionPlan:
         k, d = int(shape[0]), int(shape[1])
         rows = torch.div(unique, d, rounding_mode="floor")
         cols = unique - rows * d
-        weights = counts.to(torch.float32) / max(n_total, 1)
         row_ptr = torch.zeros(k + 1, dtype=torch.int64)
         row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=k), 0)
         col_order = torch.sort(cols * k + rows).indices  # stable column-major order
         col_ptr = torch.zeros(d + 1, dtype=torch.int64)
         col_ptr[1:] = torch.cumsum(torch.bincount(cols, minlength=d), 0)
+        max_count = int(counts.max()) if counts.numel() else 0
         return cls(
             shape=(k, d),
-            rows=rows.to(torch.int32),
-            cols=cols.to(torch.int32),
-            weights=weights,
+            rows=rows.to(index_dtype(k)),
+            cols=cols.to(index_dtype(d)),
+            counts=counts.to(torch.uint8 if max_count <= 255 else torch.int32),
             row_ptr=row_ptr.to(torch.int32),
             col_order=col_order.to(torch.int32),
             col_ptr=col_ptr.to(torch.int32),
@@ -99,11 +123,22 @@ class PositionPlan:
         return tensors_to(self, device)
 
 
+def index_dtype(size: int) -> torch.dtype:
+    """The narrowest signed integer dtype the kernels accept for indices in [0, size)."""
+    return torch.int16 if size <= 2**15 else torch.int32
+
+
+def plan_tensors(plan) -> dict[str, torch.Tensor]:
+    """The tensor-valued fields of a plan dataclass, by name."""
+    values = {f.name: getattr(plan, f.name) for f in fields(plan)}
+    return {name: value for name, value in values.items() if isinstance(value, torch.Tensor)}
+
+
+def plan_nbytes(plan) -> int:
+    """Bytes of a plan dataclass's tensors (what a backend holds on its device for the task)."""
+    return sum(t.numel() * t.element_size() for t in plan_tensors(plan).values())
+
+
 def tensors_to(plan, device: torch.device | str):
     """A copy of a frozen plan dataclass with every tensor field moved to `device`."""
-    moved = {
-        f.name: getattr(plan, f.name).to(device)
-        for f in fields(plan)
-        if isinstance(getattr(plan, f.name), torch.Tensor)
-    }
-    return replace(plan, **moved)
+    return replace(plan, **{name: t.to(device) for name, t in plan_tensors(plan).items()})

@@ -1,17 +1,19 @@
 """The "torch" penalty backend: chunked sparse products on a PositionPlan, no k×d anywhere.
 
-    value  = Σ_u w_u |v_u|,   v_u = Σ_j B[row_u, j] A[j, col_u]        (sampled dense-dense)
-    ∂/∂B   = S · Aᵀ,          S = sparse k×d with s_u = g · w_u · sign(v_u) at the positions
+    value  = (1/n) Σ_u c_u |v_u|,   v_u = Σ_j B[row_u, j] A[j, col_u]    (sampled dense-dense)
+    ∂/∂B   = S · Aᵀ,   S = sparse k×d with s_u = (g/n) · c_u · sign(v_u) at the positions
     ∂/∂A   = Bᵀ · S = (Sᵀ · B)ᵀ
 
 Forward: `torch.sparse.sampled_addmm` over CSR slices of the plan (rows order), chunk by
 chunk. Saved for backward: sign(v_u) + 1 as a 2-bit code per unique position (u/4 bytes;
 zero stays zero, so an all-zero ΔW — a fresh LoRA whose B is 0 — gets zero gradients, as with
 the reference's abs). Backward: grad B as CSR(S)·Aᵀ over the same row chunks; grad A as
-CSR(Sᵀ)·B over column chunks, which needs the plan's positions in CSC order: their rows,
-weights and sign-code offsets are gathered once per plan and cached (`CscGathers`, 16 bytes
-per unique position, freed with the plan); the signs come from the codes through a 256×4
-table (every byte's four signs) scaled by the incoming gradient: one gather per chunk.
+CSR(Sᵀ)·B over column chunks, which needs the plan's positions in CSC order: their rows and
+multiplicities are gathered once per plan and cached (`CscGathers`, 3 bytes per unique
+position with int16 rows, freed with the plan); the signs come from the codes, addressed by
+the plan's column-order permutation, through a 256×4 table (every byte's four signs) scaled
+by the incoming gradient: one gather per chunk. The plan's narrow index and count types are
+widened chunk by chunk (torch's sparse kernels take int32 indices and fp32 values).
 
 Peak extra memory, apart from the two fp32 gradient buffers and one Aᵀ copy (r×d): the
 u/4-byte sign codes and O(chunk) temporaries — independent of k×d, and of u but for the codes.
@@ -39,16 +41,12 @@ _SIGN_LUT = ((torch.arange(256).unsqueeze(1) >> torch.tensor([0, 2, 4, 6])) & 3)
 class CscGathers:
     """Per-plan data for the CSC (by column) pass, in CSC order: built once, then cached.
 
-    rows: int32 [u], the row of each position; weights: fp32 [u]; code_byte: int32 [u], the
-    byte of the position's 2-bit sign code (CSR rank // 4); code_field: int32 [u], 256 × the
-    field of the code in that byte (CSR rank % 4), the offset into the flat sign table.
-    16 bytes per unique position.
+    rows: [u] the row of each position (the plan's row dtype); counts: [u] its multiplicity
+    (the plan's count dtype). 3 bytes per unique position for int16 rows and uint8 counts.
     """
 
     rows: torch.Tensor
-    weights: torch.Tensor
-    code_byte: torch.Tensor
-    code_field: torch.Tensor
+    counts: torch.Tensor
 
 
 _CSC_CACHE: dict[int, CscGathers] = {}
@@ -61,10 +59,7 @@ def csc_gathers(plan: PositionPlan) -> CscGathers:
     if cached is None:
         order = plan.col_order
         cached = CscGathers(
-            rows=plan.rows.index_select(0, order),
-            weights=plan.weights.index_select(0, order),
-            code_byte=order >> 2,
-            code_field=(order & 3) * 256,
+            rows=plan.rows.index_select(0, order), counts=plan.counts.index_select(0, order)
         )
         _CSC_CACHE[key] = cached
         weakref.finalize(plan, _CSC_CACHE.pop, key, None)
@@ -100,13 +95,14 @@ def _signs_in_range(lut: torch.Tensor, codes: torch.Tensor, start: int, stop: in
     return lut.index_select(0, packed).view(-1)[: stop - start]
 
 
-def _signs_at(flat_lut: torch.Tensor, codes: torch.Tensor, code_byte, code_field):
-    """lut-scaled signs of the positions whose codes sit at (code_byte, code_field), fp32.
+def _signs_at(flat_lut: torch.Tensor, codes: torch.Tensor, positions: torch.Tensor):
+    """lut-scaled signs of the positions with these CSR ranks (int32), fp32.
 
-    `flat_lut` is the field-major flattening of the scaled table ([4 · 256]).
+    `flat_lut` is the field-major flattening of the scaled table ([4 · 256]): the code of
+    CSR rank p sits in byte p // 4, field p % 4, at flat offset 256 · field + byte value.
     """
     # index_select, not advanced indexing: many times faster for these gathers on the CPU.
-    index = codes.index_select(0, code_byte).int().add_(code_field)
+    index = codes.index_select(0, positions >> 2).int().add_((positions & 3) << 8)
     return flat_lut.index_select(0, index)
 
 
@@ -125,7 +121,7 @@ def _chunks(ptr: torch.Tensor, major_of, num: int, chunk: int):
 
 
 class SampledPenalty(torch.autograd.Function):
-    """Σ_u w_u |ΔW[row_u, col_u]| over a PositionPlan, never forming ΔW (fp32 result)."""
+    """(1/n) Σ_u c_u |ΔW[row_u, col_u]| over a PositionPlan, never forming ΔW (fp32 result)."""
 
     @staticmethod
     def forward(ctx, lora_B, lora_A, plan: PositionPlan, chunk: int):
@@ -137,13 +133,14 @@ class SampledPenalty(torch.autograd.Function):
         zeros = B32.new_zeros(min(chunk, u))  # the (ignored, beta=0) input values of the mask
         partial, codes = [], []
         for p0, p1, r0, r1, crow in _chunks(plan.row_ptr, _RowOf(plan), u, chunk):
-            mask = _csr(crow, plan.cols[p0:p1], zeros[: p1 - p0], (r1 - r0, d))
+            mask = _csr(crow, plan.cols[p0:p1].int(), zeros[: p1 - p0], (r1 - r0, d))
             values = torch.sparse.sampled_addmm(mask, B32[r0:r1], A_T.t(), beta=0.0).values()
             codes.append(_sign_codes(values))
-            partial.append(torch.dot(values.abs_(), plan.weights[p0:p1]))
+            partial.append(torch.dot(values.abs_(), plan.counts[p0:p1].float()))
         ctx.plan, ctx.chunk = plan, chunk
         ctx.save_for_backward(lora_B, lora_A, torch.cat(codes))
-        return torch.stack(partial).double().sum().to(torch.float32)
+        total = torch.stack(partial).double().sum() * plan.inv_n_total
+        return total.to(torch.float32)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -151,15 +148,15 @@ class SampledPenalty(torch.autograd.Function):
         plan, chunk = ctx.plan, ctx.chunk
         k, d = plan.shape
         u = plan.num_unique
-        lut = _SIGN_LUT.to(codes.device) * grad_out.to(torch.float32)
+        lut = _SIGN_LUT.to(codes.device) * (grad_out.to(torch.float32) * plan.inv_n_total)
         grad_B = grad_A = None
         # grad B first: its Aᵀ copy is freed before grad A is allocated (lower peak).
         if ctx.needs_input_grad[0]:
             A_T = lora_A.float().t().contiguous()
             grad_B = torch.zeros(lora_B.shape, dtype=torch.float32, device=lora_B.device)
             for p0, p1, r0, r1, crow in _chunks(plan.row_ptr, _RowOf(plan), u, chunk):
-                s = _signs_in_range(lut, codes, p0, p1).mul_(plan.weights[p0:p1])
-                S = _csr(crow, plan.cols[p0:p1], s, (r1 - r0, d))
+                s = _signs_in_range(lut, codes, p0, p1).mul_(plan.counts[p0:p1])
+                S = _csr(crow, plan.cols[p0:p1].int(), s, (r1 - r0, d))
                 grad_B[r0:r1] += torch.sparse.mm(S, A_T)
             del A_T
             grad_B = grad_B.to(lora_B.dtype)
@@ -169,8 +166,8 @@ class SampledPenalty(torch.autograd.Function):
             flat_lut = lut.t().reshape(-1)
             grad_A = torch.zeros(lora_A.shape, dtype=torch.float32, device=lora_A.device)
             for q0, q1, c0, c1, crow in _chunks(plan.col_ptr, _ColumnOf(plan), u, chunk):
-                s = _signs_at(flat_lut, codes, csc.code_byte[q0:q1], csc.code_field[q0:q1])
-                S_T = _csr(crow, csc.rows[q0:q1], s.mul_(csc.weights[q0:q1]), (c1 - c0, k))
+                s = _signs_at(flat_lut, codes, plan.col_order[q0:q1]).mul_(csc.counts[q0:q1])
+                S_T = _csr(crow, csc.rows[q0:q1].int(), s, (c1 - c0, k))
                 grad_A[:, c0:c1] += torch.sparse.mm(S_T, B32).t()
             grad_A = grad_A.to(lora_A.dtype)
         return grad_B, grad_A, None, None
@@ -199,7 +196,7 @@ class _ColumnOf:
 def penalty_sparse(
     lora_B: torch.Tensor, lora_A: torch.Tensor, plan: PositionPlan, chunk: int = DEFAULT_CHUNK
 ) -> torch.Tensor:
-    """Σ_u w_u |(B·A)[row_u, col_u]| on a non-empty plan (checked inputs), differentiable."""
+    """(1/n) Σ_u c_u |(B·A)[row_u, col_u]| on a non-empty plan (checked inputs), differentiable."""
     if chunk <= 0 or chunk % 4:
         raise ValueError(f"chunk must be a positive multiple of 4, got {chunk}")
     return SampledPenalty.apply(lora_B, lora_A, plan, int(chunk))
