@@ -142,6 +142,7 @@ def test_penalty_fwd_bwd(
     info = {
         **case_extra_info("penalty", side, device, B, shape, rank, n, peak),
         "impl": backend,
+        "prior_tasks": prior_tasks,  # bench.summarize labels the case with it
         "saved_for_backward_bytes": int(saved.bytes),
         "value": value,
     }
