@@ -2,7 +2,8 @@
 
 - `default`: the tiny LLaVA on mini-CoIN, all 8 tasks, SEFE, 70 optimizer steps per task
   (140 for ImageNet, 200 for GQA and OCRVQA), λ rescaled to the tiny model's learning rate;
-  finishes on 2 CPU cores in 6–9 minutes (measured; RESULTS.md has the accuracies).
+  finishes on 2 CPU cores in 6–11 minutes (measured on two machines; RESULTS.md has the
+  accuracies and times).
 - `smoke`: 3 tasks, a few steps, small test sets: a CI check of the whole pipeline.
 - `paper`: the paper's recipe for LLaVA-1.5-7B on CoIN (REFERENCE.md §3); needs `--model`
   (or `--llm/--vision-tower/--projector`) and `--data`.
