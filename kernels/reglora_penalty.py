@@ -346,11 +346,11 @@ class GroupedPositionPlan:
             )
         n_total = tuple(int(plan.n_total) for plan in plans)
         device = plans[0].rows.device
-        inv_n = torch.tensor(
-            [plan.inv_n_total for plan in plans], dtype=torch.float32, device=device
-        )
         if len(plans) == 1:
             plan = plans[0]
+            # penalty_triton builds this on every call: a fill kernel, not a host-to-device
+            # copy of a Python list (which would wait for the device).
+            inv_n = torch.full((1,), plan.inv_n_total, dtype=torch.float32, device=device)
             return cls(
                 shape=(k, d),
                 rows=plan.rows,
@@ -363,6 +363,9 @@ class GroupedPositionPlan:
                 num_unique=num_unique,
                 n_total=n_total,
             )
+        inv_n = torch.tensor(
+            [plan.inv_n_total for plan in plans], dtype=torch.float32, device=device
+        )
         # One count dtype for the group: uint8 unless some plan needed int32.
         count_dtype = max((plan.counts.dtype for plan in plans), key=COUNT_DTYPES.index)
         starts = [0]
