@@ -78,3 +78,31 @@ def test_shipped_asset_matches_the_current_stage0_settings():
         "sefe_fast/assets/tiny-stage0 is stale: rebuild it (README, 'The tiny LLaVA')"
     )
     assert (tiny.ASSET_DIR / "model.safetensors").is_file()
+
+
+def test_resumed_stage0_keeps_the_trained_vision_tower(tmp_path, monkeypatch):
+    """An interrupted stage 0b resumes without training stage 0a's tower again."""
+    import sefe_fast.train.loop as loop
+
+    out = tmp_path / "stage0"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "train_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny.pretrain_stage0(out, TinyConfig(), QUICK, CTX, data_root=tmp_path / "data")
+    tower_file = tmp_path / "stage0.tower.pt"
+    saved = torch.load(tower_file, weights_only=False)
+    assert saved["fingerprint"] == stage0_fingerprint(TinyConfig(), QUICK)
+
+    def retrain(*args, **kwargs):
+        raise AssertionError("stage 0a ran again on resume")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(tiny, "pretrain_vision_tower", retrain)
+    tiny.pretrain_stage0(out, TinyConfig(), QUICK, CTX, data_root=tmp_path / "data")
+    loaded = tiny.load_tiny_from(out, TinyConfig()).model.model.vision_tower.state_dict()
+    for key, value in saved["tower"].items():
+        assert torch.equal(loaded[key], value), key
+    assert not tower_file.exists()  # removed when stage 0 finished

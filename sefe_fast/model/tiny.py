@@ -224,18 +224,32 @@ def pretrain_stage0(
     # LLaVA reads the tower's hidden states before its final layer norm: that norm gets no
     # gradient (and DDP requires every trainable parameter to get one).
     tower.post_layernorm.requires_grad_(False)
-    # Stage 0a: every rank trains the same tower from the same seed (a few seconds), so the
-    # ranks agree without a broadcast.
-    vision_report = pretrain_vision_tower(
-        tower,
-        steps=s0.vision_steps,
-        batch_size=s0.vision_batch_size,
-        lr=s0.vision_lr,
-        seed=s0.train_seed,
-        mean=CLIP_MEAN,
-        std=CLIP_STD,
-        progress=ctx.is_main,
-    )
+    out_dir = Path(out_dir)
+    fingerprint = stage0_fingerprint(cfg, s0)
+    # Stage 0a: every rank trains the same tower from the same seed (about a minute), so the
+    # ranks agree without a broadcast. Its result is kept until stage 0 ends, so that a
+    # resumed stage 0b does not train it again.
+    tower_file = out_dir.with_name(out_dir.name + ".tower.pt")
+    saved_tower = load_train_state(tower_file)
+    if saved_tower is not None and saved_tower["fingerprint"] == fingerprint:
+        tower.load_state_dict(saved_tower["tower"])
+        vision_report = saved_tower["report"]
+    else:
+        vision_report = pretrain_vision_tower(
+            tower,
+            steps=s0.vision_steps,
+            batch_size=s0.vision_batch_size,
+            lr=s0.vision_lr,
+            seed=s0.train_seed,
+            mean=CLIP_MEAN,
+            std=CLIP_STD,
+            progress=ctx.is_main,
+        )
+        if ctx.is_main:
+            save_train_state(
+                tower_file,
+                {"fingerprint": fingerprint, "tower": tower.state_dict(), "report": vision_report},
+            )
     if ctx.is_main:
         print(f"[sefe_fast] stage 0a (vision tower): {vision_report}")
     tower.requires_grad_(False)
@@ -265,7 +279,6 @@ def pretrain_stage0(
     )
     torch.manual_seed(s0.train_seed + ctx.rank)
     pad = bundle.tokenizer.pad_token_id
-    out_dir = Path(out_dir)
     log = TrainLog(out_dir.with_name(out_dir.name + ".train_log.jsonl"), ctx.is_main)
     ckpt = out_dir.with_name(out_dir.name + ".ckpt.pt")  # resumes an interrupted stage 0
     resume = load_train_state(ckpt)
@@ -293,7 +306,7 @@ def pretrain_stage0(
             model,
             Path(out_dir),
             {
-                "fingerprint": stage0_fingerprint(cfg, s0),
+                "fingerprint": fingerprint,
                 "tiny": asdict(cfg),
                 "stage0": asdict(s0),
                 "final_loss": result.last_loss,
@@ -304,6 +317,7 @@ def pretrain_stage0(
             },
         )
         ckpt.unlink(missing_ok=True)
+        tower_file.unlink(missing_ok=True)
     barrier()
     return out_dir
 
