@@ -304,7 +304,7 @@ def pretrain_stage0(
     if ctx.is_main:
         _save_dir_atomically(
             model,
-            Path(out_dir),
+            out_dir,
             {
                 "fingerprint": fingerprint,
                 "tiny": asdict(cfg),
