@@ -35,6 +35,7 @@ from typing import Any
 
 from sefe_fast.asd.formats import has_format, is_box, option_letter
 from sefe_fast.asd.rewriter import Rewriter
+from sefe_fast.data.coin import read_json_records
 from sefe_fast.io_utils import atomic_write_json
 from sefe_fast.tasks import (
     ANSWER_FORMATS,
@@ -399,8 +400,6 @@ def convert_file(
     rewriter_path: str | os.PathLike | None = None,
 ) -> AsdStats:
     """Read a LLaVA-format train file, convert it with `convert_records`, write it atomically."""
-    from sefe_fast.data.coin import read_json_records
-
     source = Path(input_path)
     records = read_json_records(source)
     rewriter = Rewriter(rewriter_path) if rewriter_path is not None else None

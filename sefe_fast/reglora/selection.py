@@ -1,6 +1,6 @@
 """Key-element selection: the top `ratio` fraction of |ΔW| = |B·A| (fp32), per matrix.
 
-The official code runs `torch.topk` over the dense fp32 product (REFERENCE.md §2); that is
+The official code runs `torch.topk` over the dense fp32 product (docs/reference.md §2); that is
 `select_key_elements_dense`, kept as the reference. `select_key_elements` gives the same set
 without ever holding ΔW: it streams row tiles of ΔW three times.
 
