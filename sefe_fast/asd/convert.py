@@ -6,7 +6,7 @@ them, in equal shares (within one), into the four formats among `short`, `yes_no
 A converted record keeps its other fields, gets new `conversations` and gains
 `asd_format` (and, for explanations, `asd_explanation_source`).
 
-Rules (REFERENCE §2):
+Rules (docs/reference.md §2):
 - yes/no: "Is the answer X?" with X the true answer or a distractor, exactly balanced
   (half "No" within one) inside each group;
 - MCQ: the true answer among up to 3 distractors from the task's own answer pool, at a

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     table = settings()
     p.add_argument(
-        "benchmark", choices=table["benchmark"][1].choices, help=table["benchmark"][1].help
+        "benchmark", choices=table["benchmark"][1].allowed(), help=table["benchmark"][1].help
     )
     p.add_argument(
         "--preset", choices=sorted(PRESETS), default="default", help=table["preset"][1].help
@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = s.help + (f" [{'; '.join(notes)}]" if notes else "")
         help_text = help_text.replace("%", "%%")  # argparse %-formats help
         options: dict[str, Any] = {"dest": name, "help": help_text}
-        if s.choices is not None:
-            options["choices"] = s.choices
+        if s.allowed() is not None:
+            options["choices"] = s.allowed()
         elif parse is not None:
             options["type"] = parse
         group.add_argument(flag(name), **options)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
@@ -57,7 +58,8 @@ class Setting:
     """What the table knows about one RunConfig field besides its type and default.
 
     `low`/`high`: bounds (inclusive unless `low_open`/`high_open`); `choices`: the allowed
-    values; `optional`: None is allowed (it means "off" or "the default of the data");
+    values, or a function returning them (read when used: e.g. methods registered later);
+    `optional`: None is allowed (it means "off" or "the default of the data");
     `parse`: turns a flag's text into the value; `fingerprinted`: whether the value changes
     results (what a resumed run must share); `in_presets`: whether a preset may set it.
     """
@@ -68,11 +70,15 @@ class Setting:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
-    choices: tuple[Any, ...] | None = None
+    choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None
     optional: bool = False
     parse: Any = None
     fingerprinted: bool = True
     in_presets: bool = True
+
+    def allowed(self) -> tuple[Any, ...] | None:
+        """The allowed values now (None: any value of the type)."""
+        return self.choices() if callable(self.choices) else self.choices
 
 
 def setting(default: Any, help: str, group: str, **spec: Any) -> Any:
@@ -127,7 +133,9 @@ class RunConfig:
     tasks: list[str] = setting(  # noqa: RUF009
         list(COIN_TASKS), "comma-separated task order (CoIN names)", "data", parse=parse_task_list
     )
-    method: str = setting("sefe", "continual method", "method", choices=tuple(sorted(METHODS)))
+    method: str = setting(
+        "sefe", "continual method", "method", choices=lambda: tuple(sorted(METHODS))
+    )
     seed: int = setting(0, "seeds mini-CoIN generation and training", "training", **NON_NEGATIVE)
     lora_r: int = setting(paper.LORA_R, "LoRA rank", "training", **AT_LEAST_ONE)
     lora_alpha: float = setting(
@@ -319,8 +327,8 @@ def _problem(name: str, value: Any, f: Field, s: Setting) -> str | None:
     where = f"{flag(name)} {value!r}"
     if value is None:
         return None if s.optional else f"{flag(name)}: a value is required"
-    if s.choices is not None and value not in s.choices:
-        return f"{where}: choose one of {list(s.choices)}"
+    if s.allowed() is not None and value not in s.allowed():
+        return f"{where}: choose one of {list(s.allowed())}"
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     if kind.startswith("bool"):
         return None if isinstance(value, bool) else f"{where}: must be true or false"
