@@ -7,8 +7,8 @@ function or method) is an arrow to the module it names, and so is
 Importing `a.b.c` from outside package `a.b` also runs `a/__init__.py` and `a/b/__init__.py`,
 so it is an arrow to those packages too (a package whose `__init__` imports its modules is
 in a cycle with anything those modules import that imports the package back).
-A first-party import inside a function is allowed only where it guards an optional
-dependency, listed below with the reason.
+A first-party import inside a function is allowed only where it must wait (an optional
+dependency, or discovery at run time), listed below with the reason.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ DEFERRED_IMPORTS_ALLOWED = {
         "Triton is optional (CUDA machines only): the kernels are imported on first use"
     ),
     ("sefe_fast.kernel_report", "discover_kernel_modules"): (
-        "Triton is optional: the compile report discovers the kernel modules when it runs"
+        "discovery: the compile report walks the kernel package when it runs, so a new "
+        "kernel module needs no edit there"
     ),
 }
 

@@ -44,6 +44,7 @@ from sefe_fast.bench.measuring import (
 )
 from sefe_fast.bench.workloads import make_masks, random_lora
 from sefe_fast.io_utils import atomic_write_json
+from sefe_fast.paper_defaults import MASK_RATIO
 from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.reglora.penalty import penalty_torch, reference_penalty_from_indices
 from sefe_fast.reglora.selection import select_key_elements, select_key_elements_dense
@@ -111,7 +112,7 @@ def measure_penalty_peaks(k: int = 11008, d: int = 4096, r: int = 128, tasks: in
     return out
 
 
-def measure_selection(k: int = 11008, d: int = 4096, r: int = 128, ratio: float = 0.02):
+def measure_selection(k: int = 11008, d: int = 4096, r: int = 128, ratio: float = MASK_RATIO):
     """Peak extra bytes and seconds of dense vs streaming selection; storage bytes/entry."""
     lora_B, lora_A = random_lora(k, d, r, seed=3)
     out: dict[str, float] = {}

@@ -58,6 +58,7 @@ from sefe_fast.bench.workloads import (
     task_selection,
 )
 from sefe_fast.io_utils import atomic_path
+from sefe_fast.paper_defaults import MASK_RATIO
 from sefe_fast.position_plan import plan_tensors
 from sefe_fast.reglora import (
     KeyElements,
@@ -176,7 +177,7 @@ def vanilla_mask_bytes(spec: ModelSpec, ratio: float, prior_tasks: int) -> int:
 def profile(
     spec: ModelSpec,
     rank: int = 128,
-    ratio: float = 0.02,
+    ratio: float = MASK_RATIO,
     tasks: int = 8,
     cache_dir: Path | None = None,
     progress: bool = True,

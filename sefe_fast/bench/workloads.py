@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from sefe_fast.paper_defaults import MASK_RATIO
 from sefe_fast.reglora import (
     KeyElements,
     KeyElementsFileError,
@@ -43,7 +44,7 @@ def random_lora(k: int, d: int, r: int, seed: int) -> tuple[torch.Tensor, torch.
 
 
 def make_masks(
-    k: int, d: int, r: int, tasks: int, ratio: float = 0.02, seed: int = 0
+    k: int, d: int, r: int, tasks: int, ratio: float = MASK_RATIO, seed: int = 0
 ) -> KeyElements:
     """Merged key elements of `tasks` selections from independent random LoRA pairs
     (task t: seed + TASK_SEED_BASE + t; not cached)."""

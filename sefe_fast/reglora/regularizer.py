@@ -175,7 +175,7 @@ def lora_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, t
 
 @torch.no_grad()
 def collect_key_elements(
-    model: nn.Module, ratio: float = 0.02, adapter_name: str = "default"
+    model: nn.Module, ratio: float = paper_defaults.MASK_RATIO, adapter_name: str = "default"
 ) -> dict[str, KeyElements]:
     """Select the key elements (top `ratio` of |B·A|) of every LoRA linear of a peft model."""
     factors = lora_factors(model, adapter_name)

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
+from sefe_fast.paper_defaults import MASK_RATIO
 from sefe_fast.reglora.key_elements import GapEncoder, KeyElements
 from sefe_fast.reglora.validation import check_factors
 
@@ -43,7 +44,7 @@ def num_selected(shape: tuple[int, int], ratio: float) -> int:
 
 
 def select_key_elements_dense(
-    lora_B: torch.Tensor, lora_A: torch.Tensor, ratio: float = 0.02
+    lora_B: torch.Tensor, lora_A: torch.Tensor, ratio: float = MASK_RATIO
 ) -> KeyElements:
     """Official selection: `torch.topk` over the dense fp32 |B·A| (k×d in memory)."""
     k, _, d = check_factors(lora_B, lora_A)
@@ -69,7 +70,7 @@ def _abs_bit_tiles(
 def select_key_elements(
     lora_B: torch.Tensor,
     lora_A: torch.Tensor,
-    ratio: float = 0.02,
+    ratio: float = MASK_RATIO,
     *,
     tile_elements: int = DEFAULT_TILE_ELEMENTS,
 ) -> KeyElements:

@@ -314,6 +314,7 @@ def _is_number(value: Any) -> bool:
 
 
 def range_text(s: Setting) -> str:
+    """The valid range in words, e.g. '> 0 and <= 1' ('' when unbounded)."""
     parts = []
     if s.low is not None:
         parts.append(f"{'>' if s.low_open else '>='} {s.low:g}")
