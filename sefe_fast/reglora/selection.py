@@ -28,9 +28,8 @@ last bit (see that module's rounding contract). `"auto"` picks it for CUDA tenso
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import importlib
+from collections.abc import Iterator
 
 import torch
 
