@@ -233,12 +233,16 @@ def _check_runnable(tensor: torch.Tensor) -> None:
 def _pick_bin(
     hist: torch.Tensor, need: torch.Tensor, prefix: torch.Tensor, width: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """On the device: the bin holding the need-th largest entry; the next (need, prefix)."""
+    """On the device: the bin holding the need-th largest entry; the next (need, prefix).
+
+    need, prefix: 1-element tensors (indexing with them stays on the device: no sync).
+    """
     from_top = torch.cumsum(hist.flip(0), 0, dtype=torch.int64)
-    index = torch.searchsorted(from_top, need.reshape(1)).reshape(())  # first from_top ≥ need
-    above = from_top[index] - hist.flip(0)[index]  # entries in bins above the chosen one
+    index = torch.searchsorted(from_top, need)  # first from_top ≥ need, [1]
+    in_bin = hist.flip(0).index_select(0, index).long()
+    above = from_top.index_select(0, index) - in_bin  # entries in bins above the chosen one
     chosen_bin = (hist.numel() - 1) - index
-    return need - above, ((prefix.long() << width) | chosen_bin).to(torch.int32).reshape(1)
+    return need - above, ((prefix.long() << width) | chosen_bin).to(torch.int32)
 
 
 def top_linear_indices(
@@ -276,7 +280,7 @@ def top_linear_indices(
     )
     blocks = {"BLOCK_K": block_k, "BLOCK_D": block_d, "BLOCK_R": block_r, "num_warps": num_warps}
 
-    need = torch.full((), m, dtype=torch.int64, device=device)
+    need = torch.full((1,), m, dtype=torch.int64, device=device)
     prefix = torch.zeros(1, dtype=torch.int32, device=device)
     for shift, width in RADIX_LEVELS:
         hist = torch.zeros(1 << width, dtype=torch.int32, device=device)

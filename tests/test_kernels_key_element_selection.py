@@ -121,7 +121,9 @@ def test_strided_factors_give_the_same_positions():
     b_strided = lora_b.t().contiguous().t()  # column-major k×r
     a_strided = lora_a.t().contiguous().t()
     assert not b_strided.is_contiguous() and not a_strided.is_contiguous()
-    assert torch.equal(triton_linear(b_strided, a_strided, 0.05), triton_linear(lora_b, lora_a, 0.05))
+    assert torch.equal(
+        triton_linear(b_strided, a_strided, 0.05), triton_linear(lora_b, lora_a, 0.05)
+    )
 
 
 def test_bf16_factors_select_on_their_fp32_product():
@@ -172,3 +174,15 @@ def test_aot_launches_cover_every_kernel_of_the_module():
         key_element_selection._tile_count_kernel,
         key_element_selection._compact_kernel,
     }
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host syncs are a CUDA notion")
+def test_launcher_never_synchronises_with_the_host():
+    lora_b, lora_a = factors(1000, 700, 32, seed=8)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        linear, placed = key_element_selection.top_linear_indices(lora_b, lora_a, 14_000)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(placed) == 14_000 and linear.numel() == 14_000
