@@ -186,3 +186,25 @@ def test_launcher_never_synchronises_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert int(placed) == 14_000 and linear.numel() == 14_000
+
+
+def test_small_tiles_and_rank_chunks_give_the_same_positions(monkeypatch):
+    # The CUDA config's shape of work: many programs merging histograms, ties and segments
+    # spread over several column blocks, and the rank in several BLOCK_R chunks with a tail.
+    lora_b, lora_a = factors(70, 90, 130, seed=11)
+    big_tiles = triton_linear(lora_b, lora_a, 0.07)
+    small = {"BLOCK_K": 32, "BLOCK_D": 32, "BLOCK_R": 16, "num_warps": 4}
+    monkeypatch.setattr(key_element_selection, "launch_config", lambda: dict(small))
+    small_tiles = triton_linear(lora_b, lora_a, 0.07)
+    m = num_selected((70, 90), 0.07)
+    assert_same_up_to_rounding(lora_b, lora_a, small_tiles, big_tiles, m)
+    torch_path = select_key_elements(lora_b, lora_a, 0.07, backend="torch").linear()
+    assert_same_up_to_rounding(lora_b, lora_a, small_tiles, torch_path, m)
+    # exact ties across many small tiles
+    generator = torch.Generator().manual_seed(1)
+    int_b = torch.randint(-1, 2, (70, 3), generator=generator).float().to(DEVICE)
+    int_a = torch.randint(-1, 2, (3, 90), generator=generator).float().to(DEVICE)
+    assert torch.equal(
+        triton_linear(int_b, int_a, 0.3),
+        select_key_elements(int_b, int_a, 0.3, backend="torch").linear(),
+    )
