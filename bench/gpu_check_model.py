@@ -86,16 +86,50 @@ def is_flash_attn_event(name: str) -> bool:
     return "flash::flash_" in name and "pytorch_flash::" not in name
 
 
+def _run_variant(config, state, dtype, accel, batch: dict, device: torch.device) -> dict:
+    """Build the model with `accel` applied, run one forward+backward under the profiler."""
+    from transformers import LlavaForConditionalGeneration
+
+    from sefe_fast.model.accel import apply_accel, has_package
+
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config)
+    model.load_state_dict(state)
+    model.to(device, dtype)
+    applied = apply_accel(model, accel, device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        loss = model(**batch).loss
+        loss.backward()
+        synchronize(device)
+    kernels = {event.key for event in prof.key_averages()}
+    fa2 = sorted(k for k in kernels if is_flash_attn_event(k))
+    liger_names = _liger_kernel_names() if has_package("liger_kernel") else set()
+    liger = sorted(k for k in kernels if any(n in k for n in liger_names))
+    return {
+        "applied": applied,
+        "config_attn_implementation": model.config._attn_implementation,
+        "loss": loss.item(),
+        "fa2_kernels_launched": len(fa2),
+        "fa2_kernel_examples": fa2[:3],
+        "liger_kernels_launched": len(liger),
+        "liger_kernel_examples": liger[:5],
+    }
+
+
 def model_check(model_size: dict, device: torch.device) -> dict:
     """Loss and launched kernels of SDPA, FlashAttention-2 and FA2 + Liger on one batch."""
     from transformers import LlavaForConditionalGeneration
 
-    from sefe_fast.model.accel import AccelConfig, apply_accel, has_package
+    from sefe_fast.model.accel import AccelConfig, has_package
 
     config = _tiny_llava_config(model_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    state = LlavaForConditionalGeneration(config).state_dict()
+    with torch.device(device):  # initialise on the device: ~0.5 G parameters at full width
+        state = LlavaForConditionalGeneration(config).state_dict()
     seq, vocab = model_size["seq"], model_size["vocab"]
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, vocab - 1, (2, seq), generator=generator)
@@ -129,35 +163,14 @@ def model_check(model_size: dict, device: torch.device) -> dict:
         if missing:
             result[name] = {"skipped": f"package(s) not installed: {', '.join(missing)}"}
             continue
-        model = LlavaForConditionalGeneration(config)
-        model.load_state_dict(state)
-        model.to(device, dtype)
-        applied = apply_accel(model, accel, device)
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            loss = model(**batch).loss
-            loss.backward()
-            synchronize(device)
-        kernels = {event.key for event in prof.key_averages()}
-        fa2 = sorted(k for k in kernels if is_flash_attn_event(k))
-        liger_names = _liger_kernel_names() if has_package("liger_kernel") else set()
-        liger = sorted(k for k in kernels if any(n in k for n in liger_names))
-        result[name] = {
-            "applied": applied,
-            "config_attn_implementation": model.config._attn_implementation,
-            "loss": loss.item(),
-            "fa2_kernels_launched": len(fa2),
-            "fa2_kernel_examples": fa2[:3],
-            "liger_kernels_launched": len(liger),
-            "liger_kernel_examples": liger[:5],
-        }
-        del model, loss, prof
-    base = result["sdpa"]["loss"]
+        try:
+            result[name] = _run_variant(config, state, dtype, accel, batch, device)
+        except Exception as error:  # e.g. flash-attn built for another torch: record it
+            result[name] = {"error": f"{type(error).__name__}: {error}"[:1000], "ok": False}
+    base = result["sdpa"].get("loss")  # None when the baseline itself failed (recorded)
     for name in ("flash_attention_2", "flash_attention_2+liger"):
         entry = result[name]
-        if "loss" in entry:
+        if "loss" in entry and base is not None:
             entry["loss_abs_diff_vs_sdpa"] = abs(entry["loss"] - base)
             entry["active"] = entry["fa2_kernels_launched"] > 0 and (
                 "liger" not in name or entry["liger_kernels_launched"] > 0

@@ -45,8 +45,11 @@ def test_smoke_run_writes_a_complete_passing_report(tmp_path):
     step = report["model_step"]
     assert step["matrices"] == sum(count for _, _, count in size.shapes)
     assert all(step[b]["min_ms"] > 0 for b in (*backends, "reference"))
+    for backend in backends:
+        assert step[backend]["ok"] and step[backend]["value_rel_error_vs_official"] < 1e-5
     for row in report["selection"]:
         assert row["identical_to_torch"] and row["identical_to_dense_topk"], row
+        assert row["launcher_host_syncs"] == "n/a"  # checked on CUDA only
     model = report["model"]
     assert model["sdpa"]["loss"] == pytest.approx(model["sdpa"]["loss"])  # finite
     assert 4.0 < model["sdpa"]["loss"] < 8.0  # about ln(vocab 300) = 5.7 for a random model
