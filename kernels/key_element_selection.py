@@ -39,6 +39,9 @@ widened to fp32 first, as the torch path's `.float()`):
 Between the kernels the bin choice, the scans and the offsets are small torch ops on the
 device (searchsorted and cumsum over ≤ 2048 bins and k·⌈d/BLOCK_D⌉ counts): there is no
 host synchronisation until the launcher returns (the caller copies the result out once).
+Device memory besides the result (8 B per selected entry): the int32 per-segment arrays,
+about 24 B per segment (k·⌈d/64⌉ segments on CUDA, ≈ 0.4 B per ΔW entry, a tenth of one
+fp32 ΔW), and the histograms — never a k×d tensor.
 
 Rounding contract: the set equals the torch paths' wherever no two entries lie within
 fp32 rounding of the threshold. On a GPU the per-tile FMA order of `tl.dot` may round ΔW
@@ -190,7 +193,7 @@ def _compact_kernel(
     a_ptr,
     threshold_ptr,  # int32 [1]
     take_eq_ptr,  # int32 [K, n_col_blocks]: how many entries == threshold this segment takes
-    offset_ptr,  # int64 [K, n_col_blocks]: where this segment's first entry goes
+    offset_ptr,  # int32 [K, n_col_blocks]: where this segment's first entry goes
     out_ptr,  # int64 [m]: sorted linear indices (output)
     m,
     K,
@@ -293,17 +296,16 @@ def top_linear_indices(
     gt = torch.empty(k, grid[1], dtype=torch.int32, device=device)
     eq = torch.empty(k, grid[1], dtype=torch.int32, device=device)
     _tile_count_kernel[grid](lora_B, lora_A, threshold, gt, eq, *common, **blocks)
-    eq_flat = eq.view(-1).long()
-    eq_before = torch.cumsum(eq_flat, 0) - eq_flat  # row-major segment order = linear order
-    take_eq = torch.minimum((ties - eq_before).clamp_(min=0), eq_flat)
-    selected = gt.view(-1).long() + take_eq
-    offset = torch.cumsum(selected, 0) - selected
+    # Counts, scans and offsets fit in int32: every one is at most k·d < 2³¹.
+    eq_flat = eq.view(-1)
+    eq_before = torch.cumsum(eq_flat, 0, dtype=torch.int32) - eq_flat  # row-major = linear
+    take_eq = torch.minimum((ties.to(torch.int32) - eq_before).clamp_(min=0), eq_flat)
+    selected = gt.view(-1) + take_eq
+    offset = torch.cumsum(selected, 0, dtype=torch.int32) - selected
 
     out = torch.empty(m, dtype=torch.int64, device=device)
-    _compact_kernel[grid](
-        lora_B, lora_A, threshold, take_eq.to(torch.int32), offset, out, m, *common, **blocks
-    )
-    return out, selected.sum()
+    _compact_kernel[grid](lora_B, lora_A, threshold, take_eq, offset, out, m, *common, **blocks)
+    return out, selected.sum(dtype=torch.int64)
 
 
 def aot_launches(
@@ -364,7 +366,7 @@ def aot_launches(
                 "a_ptr": factor,
                 "threshold_ptr": i32,
                 "take_eq_ptr": i32,
-                "offset_ptr": i64,
+                "offset_ptr": i32,
                 "out_ptr": i64,
                 "m": int(0.02 * k * d),
             }
