@@ -8,7 +8,9 @@ to the threshold are taken by lowest linear index.
 Order: for non-negative floats the IEEE-754 bit pattern read as an int32 orders like the
 value (NaN, whose |·| has the sign bit clear, lands above +inf, as in `torch.topk`). So
 the threshold t (the bit pattern of the m-th largest |ΔW|) is found exactly by a radix
-select over the 31 significant bits, in three levels of 11, 10 and 10 bits:
+select over the 31 significant bits, in three levels of 11, 10 and 10 bits (the torch
+path's two 16-bit levels would need 2¹⁶-bin histograms per program, too large for
+registers and shared memory; 2¹¹ int32 bins are 8 KB, at the cost of one more pass):
 
     level ℓ: hist_ℓ[b] = #{ entries e : bits(e) >> (s_ℓ + w_ℓ) == prefix_ℓ,
                                          (bits(e) >> s_ℓ) & (2^w_ℓ − 1) == b }
@@ -40,8 +42,8 @@ Between the kernels the bin choice, the scans and the offsets are small torch op
 device (searchsorted and cumsum over ≤ 2048 bins and k·⌈d/BLOCK_D⌉ counts): there is no
 host synchronisation until the launcher returns (the caller copies the result out once).
 Device memory besides the result (8 B per selected entry): the int32 per-segment arrays,
-about 24 B per segment (k·⌈d/64⌉ segments on CUDA, ≈ 0.4 B per ΔW entry, a tenth of one
-fp32 ΔW), and the histograms — never a k×d tensor.
+about 24–32 B per segment (k·⌈d/64⌉ segments on CUDA: ≈ 0.4–0.5 B per ΔW entry, an
+eighth of one fp32 ΔW), and the histograms — never a k×d tensor.
 
 Rounding contract: the set equals the torch paths' wherever no two entries lie within
 fp32 rounding of the threshold. On a GPU the per-tile FMA order of `tl.dot` may round ΔW

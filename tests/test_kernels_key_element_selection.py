@@ -208,3 +208,16 @@ def test_small_tiles_and_rank_chunks_give_the_same_positions(monkeypatch):
         triton_linear(int_b, int_a, 0.3),
         select_key_elements(int_b, int_a, 0.3, backend="torch").linear(),
     )
+
+
+def test_a_compaction_that_disagrees_with_the_count_is_an_error(monkeypatch):
+    lora_b, lora_a = factors(30, 40, 4, seed=12)
+    real = key_element_selection.top_linear_indices
+
+    def short_by_one(lora_b, lora_a, m):
+        linear, placed = real(lora_b, lora_a, m)
+        return linear, placed - 1
+
+    monkeypatch.setattr(key_element_selection, "top_linear_indices", short_by_one)
+    with pytest.raises(RuntimeError, match="placed 23 entries, expected 24"):
+        select_key_elements(lora_b, lora_a, 0.02, backend="triton")
