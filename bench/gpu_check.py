@@ -420,7 +420,8 @@ def selection(size: CheckSize, device: torch.device) -> list[dict]:
 
 
 def _all_ok(report: dict) -> bool | None:
-    """True when every recorded correctness/agreement/model check passed (None: none ran)."""
+    """True when every recorded check passed and no section raised or was skipped for time
+    (None: nothing was checked)."""
     flags = [row["ok"] for row in report.get("correctness", []) if isinstance(row, dict)]
     flags += [
         row["agreement_with_torch"] >= 0.999 and row["launcher_host_syncs"] in ("none", "n/a")
@@ -431,7 +432,11 @@ def _all_ok(report: dict) -> bool | None:
     flags += [v["ok"] for v in step.values() if isinstance(v, dict) and "ok" in v]
     model = report.get("model", {})
     flags += [v["ok"] for v in model.values() if isinstance(v, dict) and "ok" in v]
-    errors = [key for key, value in report.items() if isinstance(value, dict) and "error" in value]
+    errors = [  # sections that raised or were skipped for time
+        key
+        for key, value in report.items()
+        if isinstance(value, dict) and ("error" in value or "skipped" in value)
+    ]
     return (all(flags) and not errors) if flags or errors else None
 
 
@@ -439,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for gpu_check.json")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (CI)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=420.0,
+        help="start no section after this many seconds (it is recorded as skipped)",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         device, size = torch.device("cpu"), SMOKE
@@ -469,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = {}
     for name, section in sections.items():
         start = time.perf_counter()
+        if name != "environment" and start - started > args.budget_s:
+            report[name] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
+            continue
         try:
             report[name] = section()
         except Exception as error:  # record it and go on: one broken path must not hide others
@@ -480,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out, report)
         print(f"gpu_check: {name} done in {report['seconds'][name]} s", file=sys.stderr)
     report["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    report["all_ok"] = _all_ok(report)
     atomic_write_json(out, report)
     print(f"gpu_check: wrote {out} (all_ok={report['all_ok']})")
     return 0 if report["all_ok"] else 1

@@ -101,3 +101,28 @@ def test_gradient_check_fails_on_a_wrong_gradient_and_allows_ambiguous_signs():
 )
 def test_flash_attn_events_are_told_from_pytorchs_own_flash_kernels(name, is_fa2):
     assert gpu_check_model.is_flash_attn_event(name) is is_fa2
+
+
+def test_sections_past_the_time_budget_are_skipped_and_fail_the_run(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_check.py",
+            "--smoke",
+            "--budget-s",
+            "0",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    report = json.loads((tmp_path / gpu_check.OUT_NAME).read_text())
+    assert report["environment"]["penalty_backends"]  # the first section always runs
+    assert report["correctness"] == {"skipped": "time budget of 0 s spent"}
+    assert report["all_ok"] is False
