@@ -7,7 +7,7 @@ and 7 prior tasks runs, 2 rounds each (CI).
 
 Masks are real selections — the top 2 % of |B·A| of seeded random LoRA factors, one per
 task — shared with `python -m sefe_fast.profile_memory` through its on-disk selection
-cache (`sefe_fast.profile_memory.task_selection`), so a second run skips them.
+cache (`sefe_fast.bench.workloads.task_selection`), so a second run skips them.
 """
 
 from __future__ import annotations
@@ -17,9 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from sefe_fast.profile_memory import CURRENT_SEED, default_cache_dir, task_selection
+from sefe_fast.bench.workloads import (
+    CURRENT_SEED,
+    default_cache_dir,
+    random_lora,
+    task_selection,
+)
 from sefe_fast.reglora import KeyElements, merge_key_elements
-from sefe_fast.reglora.measure import random_lora
 
 QUICK = os.environ.get("SEFE_FAST_BENCH_QUICK", "") not in ("", "0")
 # Intra-op threads for both sides: $SEFE_FAST_BENCH_THREADS, default 1 ("0": torch's

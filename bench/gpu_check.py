@@ -46,12 +46,13 @@ from pathlib import Path
 import torch
 
 from bench.gpu_check_model import model_check, synchronize
+from sefe_fast.bench.workloads import random_lora
 from sefe_fast.io_utils import atomic_write_json
 from sefe_fast.kernel_report import LLAVA_7B_SHAPES
 from sefe_fast.reglora import RegLoRA, merge_key_elements, reglora_penalty
-from sefe_fast.reglora.measure import random_lora
 from sefe_fast.reglora.penalty import BACKENDS
 from sefe_fast.reglora.selection import select_key_elements, select_key_elements_dense
+from sefe_fast_kernels.key_element_selection import top_linear_indices
 
 # The GPU penalty backends this check covers: every one that `reglora_penalty` offers.
 GPU_PENALTY_BACKENDS = tuple(
@@ -373,8 +374,6 @@ def launcher_syncs(lora_b, lora_a, m: int, device: torch.device) -> str:
     raise on any host synchronisation; the error text otherwise ('n/a' off CUDA)."""
     if device.type != "cuda":
         return "n/a"
-    from sefe_fast_kernels.key_element_selection import top_linear_indices
-
     synchronize(device)
     torch.cuda.set_sync_debug_mode("error")
     try:

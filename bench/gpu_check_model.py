@@ -16,6 +16,8 @@ import pkgutil
 
 import torch
 
+from sefe_fast.model.accel import AccelConfig, apply_accel, has_package
+
 LOSS_TOLERANCE = 0.05  # absolute, bf16 2-layer model: FA2/Liger loss against SDPA
 
 
@@ -90,8 +92,6 @@ def _run_variant(config, state, dtype, accel, batch: dict, device: torch.device)
     """Build the model with `accel` applied, run one forward+backward under the profiler."""
     from transformers import LlavaForConditionalGeneration
 
-    from sefe_fast.model.accel import apply_accel, has_package
-
     with torch.device(device):
         model = LlavaForConditionalGeneration(config)
     model.load_state_dict(state)
@@ -122,8 +122,6 @@ def _run_variant(config, state, dtype, accel, batch: dict, device: torch.device)
 def model_check(model_size: dict, device: torch.device) -> dict:
     """Loss and launched kernels of SDPA, FlashAttention-2 and FA2 + Liger on one batch."""
     from transformers import LlavaForConditionalGeneration
-
-    from sefe_fast.model.accel import AccelConfig, has_package
 
     config = _tiny_llava_config(model_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

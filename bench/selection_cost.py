@@ -35,9 +35,10 @@ if __name__ == "__main__":  # run as `python bench/selection_cost.py`
 
 import torch
 
+from sefe_fast.bench.workloads import random_lora
+from sefe_fast.io_utils import atomic_write_json
 from sefe_fast.kernel_report import GPUS, LLAVA_7B_SHAPES
 from sefe_fast.reglora.key_elements import encode_sorted_linear
-from sefe_fast.reglora.measure import random_lora
 from sefe_fast.reglora.selection import DEFAULT_TILE_ELEMENTS, num_selected, select_key_elements
 
 RANK, RATIO = 128, 0.02
@@ -139,8 +140,6 @@ def main(argv: list[str] | None = None) -> int:
     result = {"measured_cpu": measure(args.per_shape), "modelled_gpu": model()}
     print(json.dumps(result, indent=2))
     if args.json:
-        from sefe_fast.io_utils import atomic_write_json
-
         atomic_write_json(args.json, result)
     return 0
 

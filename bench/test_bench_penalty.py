@@ -36,9 +36,9 @@ from bench.cases import (
     factor_dtype,
     rounds_for,
 )
-from sefe_fast.memory_measure import SavedTensorBytes, peak_extra_bytes_on
+from sefe_fast.bench.measuring import SavedTensorBytes, peak_extra_bytes_on
+from sefe_fast.position_plan import plan_tensors
 from sefe_fast.reglora import KeyElements, reference_penalty_from_indices, reglora_penalty
-from sefe_fast.reglora.plan import plan_tensors
 
 IMPLS = [
     pytest.param("vanilla", "reference", "cpu", id="vanilla-cpu"),

@@ -26,10 +26,9 @@ from bench.cases import (
     factor_dtype,
     rounds_for,
 )
-from sefe_fast.memory_measure import peak_extra_bytes_on
-from sefe_fast.profile_memory import TASK_SEED_BASE
+from sefe_fast.bench.measuring import peak_extra_bytes_on
+from sefe_fast.bench.workloads import TASK_SEED_BASE, random_lora
 from sefe_fast.reglora import KeyElements, select_key_elements, select_key_elements_dense
-from sefe_fast.reglora.measure import random_lora
 from sefe_fast.reglora.selection import num_selected
 
 IMPLS = [

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sefe_fast.reglora.plan import PositionPlan, index_dtype, tensors_to
+from sefe_fast.position_plan import PositionPlan, index_dtype, tensors_to
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 

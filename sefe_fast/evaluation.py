@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -37,11 +36,15 @@ from tqdm import tqdm
 
 from sefe_fast.io_utils import atomic_write_jsonl
 from sefe_fast.metrics import continual_metrics
+from sefe_fast.run_layout import (
+    parse_stage_name,
+    predictions_root,
+    results_path,
+)
 from sefe_fast.scoring import classify_scored, score
 from sefe_fast.tasks import task_spec
 
 PREDICTION_KEYS = ("question_id", "prediction", "answer")
-_STAGE_DIR = re.compile(r"^stage(\d{2,})_(.+)$")
 BREAKDOWN_COUNTS = (
     "n",
     "wrong_final",
@@ -71,13 +74,6 @@ class TaskScore:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict."""
         return asdict(self)
-
-
-def predictions_path(run_dir: str | Path, stage: int, trained_task: str, eval_task: str) -> Path:
-    """`run_dir/predictions/stage{stage:02d}_{trained_task}/{eval_task}.jsonl` (stage 1-based)."""
-    if isinstance(stage, bool) or not isinstance(stage, int) or stage < 1:
-        raise ValueError(f"stage must be a 1-based int, got {stage!r}")
-    return Path(run_dir) / "predictions" / f"stage{stage:02d}_{trained_task}" / f"{eval_task}.jsonl"
 
 
 def _check_row(row: Any, where: str) -> dict[str, Any]:
@@ -181,36 +177,36 @@ def score_predictions(
 
 
 def _tasks_from_results(run_dir: Path) -> list[str] | None:
-    results_path = run_dir / "results.json"
-    if not results_path.is_file():
+    results_file = results_path(run_dir)
+    if not results_file.is_file():
         return None
     try:
-        results = json.loads(results_path.read_text(encoding="utf-8"))
+        results = json.loads(results_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{results_path}: invalid JSON ({error})") from None
+        raise ValueError(f"{results_file}: invalid JSON ({error})") from None
     tasks = results.get("tasks") if isinstance(results, dict) else None
     if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
-        raise ValueError(f"{results_path}: 'tasks' must be a non-empty list of task names")
+        raise ValueError(f"{results_file}: 'tasks' must be a non-empty list of task names")
     return tasks
 
 
 def _stage_dirs(run_dir: Path) -> dict[int, tuple[str, Path]]:
-    pred_root = run_dir / "predictions"
+    pred_root = predictions_root(run_dir)
     if not pred_root.is_dir():
         raise FileNotFoundError(f"no predictions folder in run dir {run_dir}")
     stages: dict[int, tuple[str, Path]] = {}
     for child in sorted(pred_root.iterdir()):
         if not child.is_dir():
             continue
-        match = _STAGE_DIR.match(child.name)
-        if match is None:
+        parsed = parse_stage_name(child.name)
+        if parsed is None:
             raise ValueError(f"{child}: not a stage folder (expected stageNN_<Task>)")
-        stage = int(match.group(1))
+        stage, trained_task = parsed
         if stage in stages:
             raise ValueError(
                 f"{pred_root}: two folders for stage {stage}: {stages[stage][1]}, {child}"
             )
-        stages[stage] = (match.group(2), child)
+        stages[stage] = (trained_task, child)
     if not stages:
         raise FileNotFoundError(f"no stage folders under {pred_root}")
     expected = list(range(1, len(stages) + 1))

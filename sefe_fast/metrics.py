@@ -1,4 +1,4 @@
-"""Continual-learning metrics from the accuracy matrix (REFERENCE.md §4).
+"""Continual-learning metrics from the accuracy matrix (docs/reference.md §4).
 
 `accuracy[t][i]` is the accuracy (percent) on task i after training task t, both
 0-based here; T tasks. Entries above the diagonal (tasks not yet trained) may be None

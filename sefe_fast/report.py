@@ -22,6 +22,7 @@ from sefe_fast.plots import (
     plot_accuracy_matrix,
     plot_forgetting_breakdown,
 )
+from sefe_fast.run_layout import predictions_root, report_path
 from sefe_fast.run_results import (
     PAPER_COLUMNS,
     format_number,
@@ -67,7 +68,7 @@ def _share(part: int, whole: int) -> str:
 
 def _breakdown_section(run_dir: Path, results: dict[str, Any]) -> list[str]:
     lines = ["## Forgetting: superficial vs essential", ""]
-    if not (run_dir / "predictions").is_dir():
+    if not predictions_root(run_dir).is_dir():
         lines.append(
             "_Skipped: no prediction files under `predictions/`, so the errors cannot be "
             "classified. Rerun the evaluation with predictions saved to get this section._"
@@ -164,7 +165,7 @@ def write_report(run_dir: str | Path) -> Path:
     """Write `run_dir/report.md` and its PNG plots atomically; return the report's path."""
     run_dir = Path(run_dir)
     text = render_report(run_dir)
-    path = run_dir / "report.md"
+    path = report_path(run_dir)
     atomic_write_text(path, text)
     return path
 

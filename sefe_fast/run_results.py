@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from sefe_fast.metrics import completed_stages, continual_metrics
+from sefe_fast.run_layout import results_path
 from sefe_fast.tasks import COIN_TASKS
 
-# The paper's column names (REFERENCE.md §5), in CoIN order.
+# The paper's column names (docs/reference.md §5), in CoIN order.
 PAPER_SHORT_NAMES: dict[str, str] = {
     "ScienceQA": "SQA",
     "TextVQA": "TextVQA",
@@ -40,7 +41,7 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     Raises FileNotFoundError when the file is absent and ValueError (naming the file)
     for bad JSON, a missing or malformed `tasks`/`accuracy`/`method`, or unknown tasks.
     """
-    path = Path(run_dir) / "results.json"
+    path = results_path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"run dir {run_dir} has no results.json")
     try:

@@ -1,6 +1,6 @@
 """Per-record scoring of the eight CoIN tasks, and the superficial/essential split of errors.
 
-`score(task, prediction, answer)` follows CoIN's public scorers (REFERENCE.md §4) with
+`score(task, prediction, answer)` follows CoIN's public scorers (docs/reference.md §4) with
 their two bugs fixed; `legacy=True` gives the public behaviour back so numbers can be
 set beside published ones. Predictions are stripped of surrounding whitespace first in
 both modes (the public pipeline strips generated text before scoring).

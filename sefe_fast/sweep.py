@@ -16,6 +16,7 @@ from typing import Any
 
 from sefe_fast.io_utils import atomic_write_text
 from sefe_fast.plots import plot_stability_plasticity
+from sefe_fast.run_layout import results_path
 from sefe_fast.run_results import (
     METRIC_KEYS,
     format_number,
@@ -36,9 +37,7 @@ def sweep_rows(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
         raise ValueError(f"the runs do not share one task list: {sorted(tasks)}")
     for run_dir, result in zip(run_dirs, results):
         if not isinstance(result.get("config"), dict):
-            raise ValueError(
-                f"{Path(run_dir) / 'results.json'}: no 'config' to read the settings from"
-            )
+            raise ValueError(f"{results_path(run_dir)}: no 'config' to read the settings from")
     varying = [key for key in SWEPT_KEYS if len({str(r["config"].get(key)) for r in results}) > 1]
     rows = []
     for run_dir, result in zip(run_dirs, results):

@@ -7,13 +7,13 @@ import pytest
 from sefe_fast.evaluation import (
     forgetting_breakdown,
     main,
-    predictions_path,
     read_predictions,
     rescore_run,
     score_predictions,
     write_predictions,
 )
 from sefe_fast.io_utils import atomic_write_json
+from sefe_fast.run_layout import predictions_path
 
 TASKS = ["ScienceQA", "GQA", "Grounding"]
 GOLD = {

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from sefe_fast.reglora.plan import PositionPlan
+from sefe_fast.position_plan import PositionPlan
 from sefe_fast_kernels.reglora_penalty import (
     GroupedPositionPlan,
     penalty_triton,
@@ -131,7 +131,7 @@ def test_int32_indices_for_dimensions_past_int16(monkeypatch):
     A real 33000-row matrix costs minutes under the interpreter (one program per row
     block), so a small matrix is given the wide dtypes by widening `index_dtype`.
     """
-    import sefe_fast.reglora.plan as plan_module
+    import sefe_fast.position_plan as plan_module
     import sefe_fast_kernels.reglora_penalty as kernel_module
 
     def wide(size: int) -> torch.dtype:
@@ -256,7 +256,7 @@ def test_factor_shape_mismatch_names_the_matrix():
 def test_cpu_tensors_without_interpreter_get_a_clear_error():
     code = (
         "import torch\n"
-        "from sefe_fast.reglora.plan import PositionPlan\n"
+        "from sefe_fast.position_plan import PositionPlan\n"
         "from sefe_fast_kernels.reglora_penalty import penalty_triton\n"
         "plan = PositionPlan.from_indices(torch.tensor([[0, 0]]), (2, 2))\n"
         "try:\n"

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from sefe_fast.methods import METHODS, MethodConfig, build_method
-from sefe_fast.methods.asd import asd_file_name
-from sefe_fast.methods.reglora import key_elements_path
+from sefe_fast.methods.asd_method import asd_file_name
 from sefe_fast.model.lora import attach_lora, lora_parameters, merge_lora
 from sefe_fast.model.tiny import TinyConfig, build_tiny_model
 from sefe_fast.reglora import load_key_elements, lora_factors
+from sefe_fast.run_layout import key_elements_path
 
 SMALL = TinyConfig(text_layers=2, text_hidden=64, text_heads=2, text_intermediate=128)
 

@@ -11,12 +11,13 @@ from sefe_fast.model.tiny import (
     Stage0Config,
     TinyConfig,
     build_tiny_model,
-    load_or_pretrain_tiny,
     stage0_fingerprint,
 )
+from sefe_fast.train import stage0
 from sefe_fast.train.distributed import DistContext
+from sefe_fast.train.stage0 import load_or_pretrain_tiny
 
-CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+DIST = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 QUICK = Stage0Config(
     steps=3, batch_size=4, n_train=16, max_length=512, vision_steps=3, vision_batch_size=8
 )
@@ -43,7 +44,7 @@ def test_tiny_model_matches_minicoin_and_the_char_tokenizer():
 def test_stage0_trains_every_weight_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("SEFE_FAST_CACHE", str(tmp_path))
     monkeypatch.setattr(tiny, "ASSET_DIR", tmp_path / "no-asset")
-    bundle = load_or_pretrain_tiny(CTX, TinyConfig(), QUICK)
+    bundle = load_or_pretrain_tiny(DIST, TinyConfig(), QUICK)
     entry = tmp_path / f"tiny-stage0-{stage0_fingerprint(TinyConfig(), QUICK)}"
     meta = json.loads((entry / "stage0.json").read_text())
     assert meta["fingerprint"] == stage0_fingerprint(TinyConfig(), QUICK)
@@ -59,14 +60,14 @@ def test_stage0_trains_every_weight_and_is_cached(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("stage 0 should have been loaded from the cache")
 
-    monkeypatch.setattr(tiny, "pretrain_stage0", fail)
-    again = load_or_pretrain_tiny(CTX, TinyConfig(), QUICK)
+    monkeypatch.setattr(stage0, "pretrain_stage0", fail)
+    again = load_or_pretrain_tiny(DIST, TinyConfig(), QUICK)
     for key, value in again.model.state_dict().items():
         assert torch.equal(value, trained[key])
     # Another stage-0 config has another fingerprint: the cache entry is not reused.
     with pytest.raises(AssertionError, match="loaded from the cache"):
         load_or_pretrain_tiny(
-            CTX, TinyConfig(), Stage0Config(steps=4, batch_size=4, n_train=16, vision_steps=3)
+            DIST, TinyConfig(), Stage0Config(steps=4, batch_size=4, n_train=16, vision_steps=3)
         )
 
 
@@ -82,16 +83,14 @@ def test_shipped_asset_matches_the_current_stage0_settings():
 
 def test_resumed_stage0_keeps_the_trained_vision_tower(tmp_path, monkeypatch):
     """An interrupted stage 0b resumes without training stage 0a's tower again."""
-    import sefe_fast.train.loop as loop
-
     out = tmp_path / "stage0"
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "train_task", interrupted)
+    monkeypatch.setattr(stage0, "train_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        tiny.pretrain_stage0(out, TinyConfig(), QUICK, CTX, data_root=tmp_path / "data")
+        stage0.pretrain_stage0(out, TinyConfig(), QUICK, DIST, data_root=tmp_path / "data")
     tower_file = tmp_path / "stage0.tower.pt"
     saved = torch.load(tower_file, weights_only=False)
     assert saved["fingerprint"] == stage0_fingerprint(TinyConfig(), QUICK)
@@ -100,8 +99,8 @@ def test_resumed_stage0_keeps_the_trained_vision_tower(tmp_path, monkeypatch):
         raise AssertionError("stage 0a ran again on resume")
 
     monkeypatch.undo()
-    monkeypatch.setattr(tiny, "pretrain_vision_tower", retrain)
-    tiny.pretrain_stage0(out, TinyConfig(), QUICK, CTX, data_root=tmp_path / "data")
+    monkeypatch.setattr(stage0, "pretrain_vision_tower", retrain)
+    stage0.pretrain_stage0(out, TinyConfig(), QUICK, DIST, data_root=tmp_path / "data")
     loaded = tiny.load_tiny_from(out, TinyConfig()).model.model.vision_tower.state_dict()
     for key, value in saved["tower"].items():
         assert torch.equal(loaded[key], value), key

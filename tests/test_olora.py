@@ -9,8 +9,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sefe_fast.methods.base import MethodConfig
-from sefe_fast.methods.olora import OLoRAFileError, OLoRAMethod, load_subspace, olora_path
+from sefe_fast.methods.olora import OLoRAFileError, OLoRAMethod, load_subspace
 from sefe_fast.reglora import lora_factors
+from sefe_fast.run_layout import olora_path
 
 R = 4  # LoRA rank
 Q, DOWN = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"  # d = 32, 64

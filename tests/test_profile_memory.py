@@ -1,4 +1,4 @@
-"""Tests of the RegLoRA memory profiler (sefe_fast.profile_memory) on small shapes."""
+"""Tests of the RegLoRA memory profiler (sefe_fast.bench.profile_memory) on small shapes."""
 
 from __future__ import annotations
 
@@ -7,22 +7,19 @@ import json
 import pytest
 import torch
 
-from sefe_fast.memory_measure import SavedTensorBytes
-from sefe_fast.profile_memory import (
+from sefe_fast.bench.lora_shapes import SPECS, parse_layout
+from sefe_fast.bench.measuring import SavedTensorBytes
+from sefe_fast.bench.profile_memory import (
     ROW_KEYS,
-    SPECS,
-    TASK_SEED_BASE,
     PenaltyMemory,
     aggregate_peak,
     main,
     measure_penalty_memory,
-    parse_layout,
     profile,
-    task_selection,
     vanilla_mask_bytes,
 )
+from sefe_fast.bench.workloads import TASK_SEED_BASE, random_lora, task_selection
 from sefe_fast.reglora import merge_key_elements, select_key_elements
-from sefe_fast.reglora.measure import random_lora
 
 LAYOUT = "a=48x40:3,b=40x96:2"
 RANK = 4

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
+from sefe_fast.bench.measuring import peak_extra_torch_bytes
 from sefe_fast.reglora import KeyElements, merge_key_elements, reglora_penalty
-from sefe_fast.reglora.measure import peak_extra_torch_bytes
 from sefe_fast.reglora.penalty import TRITON_MODULE, penalty_torch, resolve_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")

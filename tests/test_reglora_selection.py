@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sefe_fast.bench.measuring import peak_extra_torch_bytes
 from sefe_fast.reglora import (
     reglora_penalty,
     select_key_elements,
     select_key_elements_dense,
 )
-from sefe_fast.reglora.measure import peak_extra_torch_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,10 +2,11 @@
 
 import pytest
 
-from sefe_fast.evaluation import predictions_path, write_predictions
+from sefe_fast.evaluation import write_predictions
 from sefe_fast.io_utils import atomic_write_json
 from sefe_fast.metrics import continual_metrics
 from sefe_fast.report import main, write_report
+from sefe_fast.run_layout import predictions_path
 
 TASKS = ["ScienceQA", "GQA", "Grounding"]
 ACCURACY = [[75.35, None, None], [60.1, 80.25, None], [50.5, 70.75, 16.75]]

@@ -2,9 +2,13 @@
 
 import pytest
 
+from sefe_fast import paper_defaults
+from sefe_fast.methods import MethodConfig
 from sefe_fast.model.tiny import Stage0Config
 from sefe_fast.tasks import COIN_TASKS
+from sefe_fast.train import cli
 from sefe_fast.train.cli import parse_config
+from sefe_fast.train.config import check_overrides, default_value, settings, validate
 from sefe_fast.train.presets import PRESETS
 
 
@@ -77,3 +81,75 @@ def test_task_steps_override_max_steps_for_the_named_tasks(capsys):
         with pytest.raises(SystemExit):
             parse_config(["coin", "--task-steps", bad])
         assert named in capsys.readouterr().err
+
+
+# Each line: the flags given | the error they must give (one per problem, naming the flag).
+BAD_VALUES = """
+--lr -1 | --lr -1.0: must be > 0
+--lr nan | --lr nan: must be a finite number
+--reg-lambda -1 | --reg-lambda -1.0: must be >= 0
+--warmup-ratio 5 | --warmup-ratio 5.0: must be >= 0 and <= 1
+--mask-ratio 0 | --mask-ratio 0.0: must be > 0 and <= 1
+--mask-ratio 2 | --mask-ratio 2.0: must be > 0 and <= 1
+--eval-batch-size 0 | --eval-batch-size 0: must be >= 1
+--max-test-per-task 0 | --max-test-per-task 0: must be >= 1
+--global-batch-size 0 | --global-batch-size 0: must be >= 1
+--log-every 0 | --log-every 0: must be >= 1
+--lora-dropout 1 | --lora-dropout 1.0: must be >= 0 and < 1
+--epochs inf | --epochs inf: must be a finite number
+--save-every -2 | --save-every -2: must be >= 0
+"""
+
+
+@pytest.mark.parametrize("line", BAD_VALUES.strip().splitlines())
+def test_every_bad_value_is_an_error_before_any_work(line, capsys, monkeypatch):
+    flags, named = (part.strip() for part in line.split("|"))
+    argv = flags.split()
+    started = []
+    monkeypatch.setattr(cli, "run_continual", started.append)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["coin", *argv])
+    assert exit_info.value.code == 2 and not started
+    assert f"error: {named}" in capsys.readouterr().err
+
+
+def test_all_problems_are_reported_at_once(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["coin", "--lr", "-1", "--mask-ratio", "2", "--log-every", "0"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 3
+    assert [e.split("error: ")[1].split()[0] for e in errors] == [
+        "--lr",
+        "--mask-ratio",
+        "--log-every",
+    ]
+
+
+def test_presets_are_overrides_of_known_settings_with_valid_values():
+    for name, overrides in PRESETS.items():
+        check_overrides(overrides, name)  # raises for an unknown key
+        values = {n: default_value(f) for n, (f, _) in settings().items()}
+        assert validate({**values, **overrides}) == [], name
+    with pytest.raises(ValueError, match="preset 'x': unknown setting 'reg_lamda'"):
+        check_overrides({"reg_lamda": 1.0, "lr": 1e-3}, "preset 'x'")
+    with pytest.raises(ValueError, match="'output_dir' is given on the command line"):
+        check_overrides({"output_dir": "elsewhere"}, "preset 'x'")
+
+
+def test_a_misspelled_preset_key_stops_the_run(monkeypatch):
+    monkeypatch.setitem(PRESETS, "typo", {"reg_lamda": 1.0})
+    with pytest.raises(ValueError, match="preset 'typo': unknown setting 'reg_lamda'"):
+        cli._preset_values("typo")
+
+
+def test_the_papers_defaults_are_runconfigs_defaults():
+    defaults = {n: default_value(f) for n, (f, _) in settings().items()}
+    assert (defaults["reg_lambda"], defaults["mask_ratio"], defaults["asd_ratio"]) == (
+        paper_defaults.REG_LAMBDA,
+        paper_defaults.MASK_RATIO,
+        paper_defaults.ASD_RATIO,
+    )
+    assert MethodConfig().reg_lambda == paper_defaults.REG_LAMBDA == 2.5e3
+    # every flag has help text, and a range where it is a number
+    help_text = cli.build_parser().format_help()
+    assert "--reg-lambda" in help_text and "--no-liger" in help_text and ">= 0" in help_text

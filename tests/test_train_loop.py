@@ -19,7 +19,7 @@ from sefe_fast.train.loop import (
 )
 from sefe_fast.train.train_log import TrainLog
 
-CTX = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+DIST = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 VOCAB = 11
 
 
@@ -75,7 +75,7 @@ def _train(cfg, model=None, **kwargs):
     model = model or ToyLM()
     groups = [{"params": list(model.parameters()), "lr": 0.05}]
     result = train_task(
-        model, _dataset(), _collate, groups, cfg, CTX, accel=AccelConfig(), **kwargs
+        model, _dataset(), _collate, groups, cfg, DIST, accel=AccelConfig(), **kwargs
     )
     return model, result
 
@@ -116,7 +116,7 @@ def test_batch_schedule_covers_each_epoch_once_and_shards_ranks():
             batch_size=3,
             grad_accum=1,
             seed=1,
-            ctx=DistContext(rank=r, world_size=2, local_rank=r, device=torch.device("cpu")),
+            dist=DistContext(rank=r, world_size=2, local_rank=r, device=torch.device("cpu")),
         )
         for r in range(2)
     ]
@@ -125,14 +125,14 @@ def test_batch_schedule_covers_each_epoch_once_and_shards_ranks():
     assert len(epoch0) == len(set(epoch0)) == 18
     assert ranks[0].micro_batch(0) != ranks[0].micro_batch(3)  # epoch 1 is reshuffled
     with pytest.raises(ValueError, match="too few"):
-        BatchSchedule(3, batch_size=4, grad_accum=1, seed=0, ctx=CTX)
+        BatchSchedule(3, batch_size=4, grad_accum=1, seed=0, dist=DIST)
 
 
 def test_length_grouping_keeps_each_epochs_samples_and_batches_similar_lengths():
     rng = random.Random(0)
     lengths = [rng.choice((20, 300)) for _ in range(64)]
     make = lambda grouped: BatchSchedule(  # noqa: E731
-        64, batch_size=4, grad_accum=1, seed=3, ctx=CTX, lengths=lengths if grouped else None
+        64, batch_size=4, grad_accum=1, seed=3, dist=DIST, lengths=lengths if grouped else None
     )
     plain, grouped = make(False), make(True)
     steps = plain.steps_per_epoch

@@ -6,7 +6,7 @@ them, in equal shares (within one), into the four formats among `short`, `yes_no
 A converted record keeps its other fields, gets new `conversations` and gains
 `asd_format` (and, for explanations, `asd_explanation_source`).
 
-Rules (REFERENCE §2):
+Rules (docs/reference.md §2):
 - yes/no: "Is the answer X?" with X the true answer or a distractor, exactly balanced
   (half "No" within one) inside each group;
 - MCQ: the true answer among up to 3 distractors from the task's own answer pool, at a
@@ -35,6 +35,7 @@ from typing import Any
 
 from sefe_fast.asd.formats import has_format, is_box, option_letter
 from sefe_fast.asd.rewriter import Rewriter
+from sefe_fast.data.coin import read_json_records
 from sefe_fast.io_utils import atomic_write_json
 from sefe_fast.tasks import (
     ANSWER_FORMATS,
@@ -399,8 +400,6 @@ def convert_file(
     rewriter_path: str | os.PathLike | None = None,
 ) -> AsdStats:
     """Read a LLaVA-format train file, convert it with `convert_records`, write it atomically."""
-    from sefe_fast.data.coin import read_json_records
-
     source = Path(input_path)
     records = read_json_records(source)
     rewriter = Rewriter(rewriter_path) if rewriter_path is not None else None

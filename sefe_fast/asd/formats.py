@@ -15,7 +15,7 @@ _LETTER = re.compile(r"^\(?([A-Z])\)?(?:[.):](?:\s.*)?)?$", re.DOTALL)
 _THE_ANSWER_IS = re.compile(r"^the answer is \(?([A-Z])\)?\.?$", re.IGNORECASE)
 _YES_NO = re.compile(r"^(yes|no)\.?$", re.IGNORECASE)
 
-# Word-count bands of the five styles (REFERENCE.md §2: brief ≈ 20 words, detailed ≈ 50).
+# Word-count bands of the five styles (docs/reference.md §2: brief ≈ 20 words, detailed ≈ 50).
 SHORT_MAX_WORDS = 10
 BRIEF_MIN_WORDS, BRIEF_MAX_WORDS = 8, 35
 DETAILED_MIN_WORDS = 30

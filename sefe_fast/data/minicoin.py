@@ -12,7 +12,7 @@ one loader serves both):
 for the eight CoIN tasks in CoIN's order (`sefe_fast.tasks.COIN_TASKS`).
 
 Design, for the tiny default model (CLIP vision 2 layers × 64 wide, patch 8; Llama 4 layers
-× 128 wide; one token per character). REFERENCE §7: at 32 px / 16 image tokens such a model
+× 128 wide; one token per character). docs/reference.md §7: at 32 px / 16 image tokens such a model
 learned colours perfectly but shapes only ~50% after 1500 steps from scratch, so every
 choice below makes the pictures as easy to read as possible:
 

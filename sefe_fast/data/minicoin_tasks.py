@@ -5,6 +5,10 @@ and a background), the question text as CoIN words it (instruction suffix includ
 `<image>`), the gold answer, and what ASD needs to rewrite it exactly: the bare question,
 the answer as a short phrase, a pool of wrong answers of the same kind, and a brief
 (~20 words) and a detailed (~50 words) explanation built from the scene.
+
+Longer than the project's ~450 lines on purpose: the eight generators share the scene
+vocabulary and the explanation phrasing defined at the top, and reading them side by side
+is how one checks that every task's answers and distractors are drawn alike.
 """
 
 from __future__ import annotations

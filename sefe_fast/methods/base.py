@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from sefe_fast import paper_defaults as paper
+
 
 @dataclass(frozen=True)
 class MethodConfig:
@@ -31,13 +33,13 @@ class MethodConfig:
     seed: seeds the ASD conversion.
     """
 
-    reg_lambda: float = 2.5e3
-    mask_ratio: float = 0.02
-    asd_ratio: float = 0.2
+    reg_lambda: float = paper.REG_LAMBDA
+    mask_ratio: float = paper.MASK_RATIO
+    asd_ratio: float = paper.ASD_RATIO
     reg_backend: str = "auto"
     seed: int = 0
-    olora_lambda1: float = 0.5
-    olora_lambda2: float = 0.0
+    olora_lambda1: float = paper.OLORA_LAMBDA1
+    olora_lambda2: float = paper.OLORA_LAMBDA2
 
 
 class ContinualMethod:

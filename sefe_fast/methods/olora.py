@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 
 from sefe_fast.io_utils import atomic_path
 from sefe_fast.methods.base import ContinualMethod, MethodConfig
+from sefe_fast.reglora import lora_factors
+from sefe_fast.run_layout import olora_path
 
-DEFAULT_LAMBDA1 = 0.5  # O-LoRA's paper and scripts
-DEFAULT_LAMBDA2 = 0.0
 FORMAT_NAME = "sefe_fast.olora_subspace"
 FORMAT_VERSION = "1"
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
@@ -50,11 +50,6 @@ Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 class OLoRAFileError(ValueError):
     """An O-LoRA subspace file is unreadable, corrupt, or does not fit the earlier tasks'."""
-
-
-def olora_path(run_dir: Path, stage: int, task: str) -> Path:
-    """`run_dir/olora/stage{NN}_{task}.safetensors`: one task's lora_A of every module."""
-    return Path(run_dir) / "olora" / f"stage{stage:02d}_{task}.safetensors"
 
 
 def _check_lambda(value: Any, field: str) -> float:
@@ -166,12 +161,8 @@ class OLoRAMethod(ContinualMethod):
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)
         # MethodConfig may not have these fields yet: the paper's values are the defaults.
-        self.lambda1 = _check_lambda(
-            getattr(config, "olora_lambda1", DEFAULT_LAMBDA1), "olora_lambda1"
-        )
-        self.lambda2 = _check_lambda(
-            getattr(config, "olora_lambda2", DEFAULT_LAMBDA2), "olora_lambda2"
-        )
+        self.lambda1 = _check_lambda(config.olora_lambda1, "olora_lambda1")
+        self.lambda2 = _check_lambda(config.olora_lambda2, "olora_lambda2")
         self.files: list[str] = []  # per-task subspace files, in task order
         self.a_old: dict[str, torch.Tensor] = {}  # module -> R×d fp32 CPU, all earlier tasks
         self._device_a_old: dict[str, torch.Tensor] = {}  # a_old on the training device
@@ -204,8 +195,6 @@ class OLoRAMethod(ContinualMethod):
     ) -> None:
         """Append this task's lora_A to A_old and save it (rank 0), before the merge."""
         super().after_task(model, task, stage, run_dir, write)
-        from sefe_fast.reglora import lora_factors
-
         factors = lora_factors(model)
         if not factors:
             raise ValueError(f"{task}: the model has no LoRA matrices to keep for O-LoRA")
@@ -268,8 +257,6 @@ class OLoRAMethod(ContinualMethod):
 
     def _bind(self, model: nn.Module) -> None:
         """Cache the model's LoRA factors and A_old on their device (fp32), checking shapes."""
-        from sefe_fast.reglora import lora_factors
-
         factors = lora_factors(model)
         if self.a_old:
             _check_names(self.a_old, factors)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from sefe_fast.methods.asd import AsdMixin
-from sefe_fast.methods.reglora import RegLoRAMixin
+from sefe_fast.methods.asd_method import AsdMixin
+from sefe_fast.methods.reglora_method import RegLoRAMixin
 
 
 class SefeMethod(AsdMixin, RegLoRAMixin):

@@ -2,7 +2,7 @@
 the CoIN way from an LLM directory, a CLIP vision directory and a pretrained projector.
 
 CoIN starts from Vicuna-7B-v1.5 + CLIP ViT-L/14-336 + the LLaVA-1.5 *pretraining*
-projector (REFERENCE.md §3): features from the second-to-last vision layer, CLS dropped
+projector (docs/reference.md §3): features from the second-to-last vision layer, CLS dropped
 ("default" strategy), a two-layer MLP projector with GELU ("mlp2x_gelu").
 """
 

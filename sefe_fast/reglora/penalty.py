@@ -2,7 +2,7 @@
 
     penalty = (1/n) Σ_p |ΔW[row_p, col_p]|,   ΔW = B·A in fp32, no alpha/r scaling,
 
-over the n merged positions of all earlier tasks, duplicates counted (REFERENCE.md §2).
+over the n merged positions of all earlier tasks, duplicates counted (docs/reference.md §2).
 The value is a 0-dim fp32 tensor, differentiable in both factors. Backends:
 
 - "reference": the official dense formula (k×d product, int64 gather, abs, mean) — the
@@ -27,8 +27,8 @@ from types import ModuleType
 
 import torch
 
+from sefe_fast.position_plan import PositionPlan
 from sefe_fast.reglora.key_elements import KeyElements
-from sefe_fast.reglora.plan import PositionPlan
 from sefe_fast.reglora.sparse_backend import DEFAULT_CHUNK, penalty_sparse
 from sefe_fast.reglora.validation import check_factors
 
@@ -75,6 +75,8 @@ def penalty_torch(
 
 def load_triton_module() -> ModuleType:
     """Import the Triton kernels lazily; a clear error if they are not available."""
+    # Triton is an optional dependency (CUDA machines only), so the kernels are imported on
+    # first use, not at module level. By name, so a test can stand a fake in sys.modules.
     try:
         return importlib.import_module(TRITON_MODULE)
     except ImportError as exc:

@@ -1,6 +1,6 @@
 """The model-level RegLoRA regularizer and the helpers that connect it to a peft model.
 
-    L_reg = λ · (1/N) · Σ_matrices penalty(B_m, A_m, key elements of m)     (REFERENCE.md §2)
+    L_reg = λ · (1/N) · Σ_matrices penalty(B_m, A_m, key elements of m)     (docs/reference.md §2)
 
 with N the number of regularized matrices (224 for LLaVA-7B) and λ = 2.5e3. Matrices whose
 key elements are empty still count in N (they contribute 0), as in the official code.
@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from sefe_fast import paper_defaults
+from sefe_fast.position_plan import PositionPlan
 from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.reglora.penalty import (
     check_key_elements,
@@ -22,11 +24,9 @@ from sefe_fast.reglora.penalty import (
     penalty_unchecked,
     resolve_backend,
 )
-from sefe_fast.reglora.plan import PositionPlan
 from sefe_fast.reglora.selection import select_key_elements
 from sefe_fast.reglora.validation import check_factors
 
-DEFAULT_LAMBDA = 2.5e3
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -45,7 +45,7 @@ class RegLoRA:
     def __init__(
         self,
         key_elements: Mapping[str, KeyElements],
-        lam: float = DEFAULT_LAMBDA,
+        lam: float = paper_defaults.REG_LAMBDA,
         backend: str = "auto",
     ) -> None:
         for name, ke in key_elements.items():
@@ -101,32 +101,27 @@ class RegLoRA:
         self._check(factors)
         device = next(iter(factors.values()))[0].device
         backend = resolve_backend(self.backend, device)
-        total = None
         if backend == "triton":
             total = self._grouped_triton(factors, device)
-        if total is None:
+        else:
             total = torch.stack(
                 [self._penalty(name, *factors[name]) for name in self.key_elements]
             ).sum()
         return total * (self.lam / len(self.key_elements))
 
-    def _grouped_triton(self, factors: Factors, device: torch.device) -> torch.Tensor | None:
-        """Σ penalties with one grouped kernel launch per shape group, if the kernels offer it."""
+    def _grouped_triton(self, factors: Factors, device: torch.device) -> torch.Tensor:
+        """Σ penalties with one grouped kernel launch per shape group."""
         kernels = load_triton_module()
-        grouped_fn = getattr(kernels, "penalty_triton_grouped", None)
-        grouped_plan_cls = getattr(kernels, "GroupedPositionPlan", None)
-        if grouped_fn is None or grouped_plan_cls is None:
-            return None
         parts = []
         for shape, names in self.groups():
             key = (str(device), shape)
             grouped_plan = self._grouped_plans.get(key)
             if grouped_plan is None:
-                grouped_plan = grouped_plan_cls.from_plans(
+                grouped_plan = kernels.GroupedPositionPlan.from_plans(
                     [self.key_elements[n].plan(device) for n in names]
                 )
                 self._grouped_plans[key] = grouped_plan
-            out = grouped_fn(
+            out = kernels.penalty_triton_grouped(
                 [factors[n][0] for n in names], [factors[n][1] for n in names], grouped_plan
             )
             parts.append(out.sum() if out.ndim else out)  # per-matrix penalties or their sum
@@ -180,7 +175,7 @@ def lora_factors(model: nn.Module, adapter_name: str = "default") -> dict[str, t
 
 @torch.no_grad()
 def collect_key_elements(
-    model: nn.Module, ratio: float = 0.02, adapter_name: str = "default"
+    model: nn.Module, ratio: float = paper_defaults.MASK_RATIO, adapter_name: str = "default"
 ) -> dict[str, KeyElements]:
     """Select the key elements (top `ratio` of |B·A|) of every LoRA linear of a peft model."""
     factors = lora_factors(model, adapter_name)

@@ -1,6 +1,6 @@
 """Key-element selection: the top `ratio` fraction of |ΔW| = |B·A| (fp32), per matrix.
 
-The official code runs `torch.topk` over the dense fp32 product (REFERENCE.md §2); that is
+The official code runs `torch.topk` over the dense fp32 product (docs/reference.md §2); that is
 `select_key_elements_dense`, kept as the reference. `select_key_elements` gives the same set
 without ever holding ΔW: it streams row tiles of ΔW three times.
 
@@ -33,6 +33,7 @@ from collections.abc import Iterator
 
 import torch
 
+from sefe_fast.paper_defaults import MASK_RATIO
 from sefe_fast.reglora.key_elements import GapEncoder, KeyElements, encode_sorted_linear
 from sefe_fast.reglora.validation import check_factors
 
@@ -54,7 +55,7 @@ def num_selected(shape: tuple[int, int], ratio: float) -> int:
 
 
 def select_key_elements_dense(
-    lora_B: torch.Tensor, lora_A: torch.Tensor, ratio: float = 0.02
+    lora_B: torch.Tensor, lora_A: torch.Tensor, ratio: float = MASK_RATIO
 ) -> KeyElements:
     """Official selection: `torch.topk` over the dense fp32 |B·A| (k×d in memory)."""
     k, _, d = check_factors(lora_B, lora_A)
@@ -91,7 +92,7 @@ def resolve_selection_backend(backend: str, device: torch.device) -> str:
 def select_key_elements(
     lora_B: torch.Tensor,
     lora_A: torch.Tensor,
-    ratio: float = 0.02,
+    ratio: float = MASK_RATIO,
     *,
     tile_elements: int = DEFAULT_TILE_ELEMENTS,
     backend: str = "auto",

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sefe_fast.reglora.plan import PositionPlan
+from sefe_fast.position_plan import PositionPlan
 
 DEFAULT_CHUNK = 1 << 16  # unique positions per sparse call; a multiple of 4 (sign packing)
 

@@ -1,16 +1,16 @@
 """What a run keeps on disk to resume, and how it is written (atomically, by rank 0).
 
-Layout under the run directory:
+Where each file lives is `sefe_fast.run_layout`'s business; what they hold:
 
-- `run_state.json`: the config fingerprint, the stages trained and completed, the
-  accuracy matrix so far and the method's state after the last completed stage;
-- `adapters/stage{NN}_{task}/`: each stage's LoRA in PEFT format, with the stage's
-  projector in `projector.safetensors` beside the adapter files. The base model plus the
-  adapters replayed in order (load, merge) rebuilds the model after any stage, bit for
-  bit, without storing merged weights;
-- `checkpoints/stage{NN}_{task}.pt`: the state inside a task every `--save-every`
-  optimizer steps (trainable weights, optimizer, schedule, every rank's RNG), removed
-  when the stage completes.
+- `run_state.json` (`RunState`): the config fingerprint, the stages trained and completed,
+  the accuracy matrix so far and the method's state after the last completed stage;
+- each stage's adapter folder: its LoRA in PEFT format, with the stage's projector in
+  `projector.safetensors` beside the adapter files. The base model plus the adapters
+  replayed in order (load, merge) rebuilds the model after any stage, bit for bit, without
+  storing merged weights;
+- each stage's in-task checkpoint (`save_train_state`): the state inside a task every
+  `--save-every` optimizer steps (trainable weights, optimizer, schedule, every rank's
+  RNG), removed when the stage completes.
 """
 
 from __future__ import annotations
@@ -26,23 +26,7 @@ import numpy as np
 import torch
 
 from sefe_fast.io_utils import atomic_path, atomic_write_json
-
-RUN_STATE = "run_state.json"
-
-
-def stage_name(stage: int, task: str) -> str:
-    """`stage{NN}_{task}` (stage 1-based), the folder name every per-stage output uses."""
-    return f"stage{stage:02d}_{task}"
-
-
-def adapter_dir(run_dir: Path, stage: int, task: str) -> Path:
-    """Where stage `stage`'s adapter (and projector) is saved."""
-    return run_dir / "adapters" / stage_name(stage, task)
-
-
-def train_state_path(run_dir: Path, stage: int, task: str) -> Path:
-    """Where the in-task checkpoint of stage `stage` is saved."""
-    return run_dir / "checkpoints" / f"{stage_name(stage, task)}.pt"
+from sefe_fast.run_layout import run_state_path
 
 
 def config_fingerprint(config: dict[str, Any]) -> str:
@@ -76,12 +60,12 @@ class RunState:
 
     def save(self, run_dir: Path) -> None:
         """Write `run_state.json` atomically."""
-        atomic_write_json(run_dir / RUN_STATE, self.__dict__)
+        atomic_write_json(run_state_path(run_dir), self.__dict__)
 
     @classmethod
     def load_or_fresh(cls, run_dir: Path, fingerprint: str, tasks: list[str]) -> RunState:
         """The saved state of this run, or a fresh one; a clear error for another run's state."""
-        path = run_dir / RUN_STATE
+        path = run_state_path(run_dir)
         if not path.is_file():
             return cls.fresh(fingerprint, tasks)
         saved = json.loads(path.read_text(encoding="utf-8"))

@@ -16,15 +16,21 @@ import logging
 import platform
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
+import transformers
 
+import sefe_fast
+from sefe_fast.data.coin import collate_train, load_train_dataset
+from sefe_fast.data.minicoin import generate_minicoin
+from sefe_fast.evaluation import format_matrix, score_predictions, write_predictions
 from sefe_fast.io_utils import atomic_write_json
 from sefe_fast.methods import ContinualMethod, MethodConfig, build_method
-from sefe_fast.model.accel import AccelConfig, apply_accel, autocast, compute_dtype
+from sefe_fast.metrics import continual_metrics
+from sefe_fast.model.accel import AccelConfig, apply_accel, compute_dtype
 from sefe_fast.model.build import ModelBundle, assemble_llava, load_llava
 from sefe_fast.model.lora import (
     PROJECTOR_FILE,
@@ -38,40 +44,46 @@ from sefe_fast.model.lora import (
     save_adapter,
 )
 from sefe_fast.model.sharding import local_parameter_share, shard_model
-from sefe_fast.tasks import task_spec
+from sefe_fast.model.tiny import Stage0Config, TinyConfig
+from sefe_fast.report import write_report
+from sefe_fast.run_layout import (
+    adapter_dir,
+    minicoin_dir,
+    predictions_path,
+    results_path,
+    stage_name,
+    train_log_path,
+    train_state_path,
+)
 from sefe_fast.train.checkpoint import (
     RunState,
-    adapter_dir,
     config_fingerprint,
     load_train_state,
     save_train_state,
     seed_everything,
-    stage_name,
-    train_state_path,
 )
-from sefe_fast.train.cli import RunConfig
+from sefe_fast.train.config import RunConfig, subset
 from sefe_fast.train.distributed import (
     DistContext,
     barrier,
     broadcast_object,
-    gather_objects,
     init_distributed,
     run_on_main_first,
     shutdown_distributed,
 )
 from sefe_fast.train.loop import LoopConfig, train_task
+from sefe_fast.train.stage0 import load_or_pretrain_tiny
+from sefe_fast.train.stage_eval import StageEvaluator
 from sefe_fast.train.train_log import TrainLog
 
 log = logging.getLogger(__name__)
-# Processed test images are kept across stages while they fit in this many bytes.
-PIXEL_CACHE_BYTES = 512 << 20
 
 
 def run_continual(cfg: RunConfig) -> dict[str, Any] | None:
     """Run (or resume) the whole continual sequence; return results.json's content on rank 0."""
-    ctx = init_distributed()
+    dist = init_distributed()
     try:
-        return ContinualRun(cfg, ctx).run()
+        return ContinualRun(cfg, dist).run()
     finally:
         shutdown_distributed()
 
@@ -81,23 +93,14 @@ def _stage_seed(seed: int, stage: int, rank: int | None = None) -> int:
     return seed * 100_003 + stage * 1_009 + (0 if rank is None else 7 + rank)
 
 
-@dataclass
-class TestSet:
-    """One task's test records on this rank: its shard's indices, prompts and images."""
-
-    records: list[Any]
-    shard: list[int]
-    prompts: list[list[int]]
-    pixels: list[torch.Tensor] | None  # None when not cached (computed per stage)
-
-
 class ContinualRun:
     """One continual run on one rank (all ranks run the same steps; rank 0 writes)."""
 
-    def __init__(self, cfg: RunConfig, ctx: DistContext) -> None:
-        self.cfg, self.ctx = cfg, ctx
+    def __init__(self, cfg: RunConfig, dist: DistContext) -> None:
+        """Set up everything a stage needs: run directory, method, data, base model, state."""
+        self.cfg, self.dist = cfg, dist
         self.run_dir = Path(cfg.output_dir)
-        if ctx.is_main:
+        if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         barrier()
         self.accel = AccelConfig(
@@ -106,31 +109,25 @@ class ContinualRun:
             bf16=cfg.bf16,
             gradient_checkpointing=cfg.gradient_checkpointing,
         )
-        per_step = cfg.per_device_batch_size * ctx.world_size
+        per_step = cfg.per_device_batch_size * dist.world_size
         if cfg.global_batch_size % per_step:
             raise ValueError(
                 f"--global-batch-size {cfg.global_batch_size} is not a multiple of "
-                f"--per-device-batch-size {cfg.per_device_batch_size} x {ctx.world_size} ranks"
+                f"--per-device-batch-size {cfg.per_device_batch_size} x {dist.world_size} ranks"
             )
         self.grad_accum = cfg.global_batch_size // per_step
-        self.sharded = cfg.fsdp and ctx.distributed
-        if cfg.fsdp and not ctx.distributed and ctx.is_main:
+        self.sharded = cfg.fsdp and dist.distributed
+        if cfg.fsdp and not dist.distributed and dist.is_main:
             print("[sefe_fast] --fsdp with one process: nothing to shard over, running unsharded")
-        self.method: ContinualMethod = build_method(
-            cfg.method,
-            MethodConfig(
-                reg_lambda=cfg.reg_lambda,
-                mask_ratio=cfg.mask_ratio,
-                asd_ratio=cfg.asd_ratio,
-                reg_backend=cfg.reg_backend,
-                seed=cfg.seed,
-                olora_lambda1=cfg.olora_lambda1,
-                olora_lambda2=cfg.olora_lambda2,
-            ),
-        )
-        self.train_log = TrainLog(self.run_dir / "train_log.jsonl", enabled=ctx.is_main)
-        self.test_sets: dict[str, TestSet] = {}
+        self.method: ContinualMethod = build_method(cfg.method, subset(MethodConfig, cfg))
+        self.train_log = TrainLog(train_log_path(self.run_dir), enabled=dist.is_main)
         self.timing: dict[str, dict[str, float]] = {}
+        self.data_dir, self.image_root = self.prepare_data()
+        self.bundle, self.accel_info = self.build_model()
+        self.evaluator = StageEvaluator(
+            cfg, dist, self.bundle, self.data_dir, self.image_root, self.accel, self.sharded
+        )
+        self.state = self.load_state()
 
     # ------------------------------------------------------------------ setup
 
@@ -144,55 +141,72 @@ class ContinualRun:
                     if not (data / task / name).is_file():
                         raise FileNotFoundError(f"--data {data}: missing {task}/{name}")
             return data, Path(cfg.image_root) if cfg.image_root else data
-        from sefe_fast.data.minicoin import generate_minicoin
-
         data = run_on_main_first(
-            self.ctx,
+            self.dist,
             generate_minicoin,
-            self.run_dir / "minicoin",
+            minicoin_dir(self.run_dir),
             seed=cfg.seed,
             n_train=cfg.minicoin_n_train,
             n_test=cfg.minicoin_n_test,
             n_stage0=1,  # stage 0 is the base model's business, not the run's
-            progress=self.ctx.is_main,
+            progress=self.dist.is_main,
         )
         return Path(data), Path(data)
 
-    def build_model(self) -> ModelBundle:
-        """The base model (stage-0 tiny LLaVA, a HF LLaVA, or assembled), frozen, on device."""
-        cfg, ctx = self.cfg, self.ctx
-        dtype = compute_dtype(self.accel, ctx.device)
+    def build_model(self) -> tuple[ModelBundle, dict[str, Any]]:
+        """The base model (stage-0 tiny LLaVA, a HF LLaVA, or assembled), frozen, on device,
+        and what `apply_accel` (and sharding) report about it."""
+        cfg, dist = self.cfg, self.dist
+        dtype = compute_dtype(self.accel, dist.device)
         if cfg.uses_tiny:
-            from sefe_fast.model.tiny import Stage0Config, TinyConfig, load_or_pretrain_tiny
-
             s0 = Stage0Config()
             if cfg.stage0_steps is not None:
                 s0 = s0.with_steps(cfg.stage0_steps)
-            bundle = load_or_pretrain_tiny(ctx, TinyConfig(), s0)
+            bundle = load_or_pretrain_tiny(dist, TinyConfig(), s0)
         elif cfg.llm is not None:
             bundle = assemble_llava(cfg.llm, cfg.vision_tower, cfg.projector, dtype=dtype)
         else:
             bundle = load_llava(cfg.model, dtype=dtype)
         model = bundle.model
         if not self.sharded:
-            model = model.to(ctx.device)
+            model = model.to(dist.device)
         for param in model.parameters():
             param.requires_grad_(False)
-        self.accel_info = apply_accel(model, self.accel, ctx.device)
+        accel_info = apply_accel(model, self.accel, dist.device)
         if self.sharded:
             # Each block moves to the device as it is sharded: the whole model never has to
             # fit there.
             blocks = shard_model(
-                model, ctx.device, ctx.world_size, keep_whole=projector_module(model).parameters()
+                model, dist.device, dist.world_size, keep_whole=projector_module(model).parameters()
             )
             share = local_parameter_share(model)
-            self.accel_info.update(fsdp_blocks=blocks, fsdp_rank0_param_share=round(share, 4))
-            if ctx.is_main:
+            accel_info.update(fsdp_blocks=blocks, fsdp_rank0_param_share=round(share, 4))
+            if dist.is_main:
                 print(
                     f"[sefe_fast] fsdp: {blocks} blocks sharded; rank 0 holds {share:.1%} of "
                     "the parameters"
                 )
-        return bundle
+        return bundle, accel_info
+
+    def load_state(self) -> RunState:
+        """This run's saved progress (rank 0 reads, all ranks get it), else a fresh one; a
+        resumed run's method state and timing are restored."""
+        cfg = self.cfg
+        fingerprint = config_fingerprint(
+            {**cfg.fingerprinted(), "world_size": self.dist.world_size}
+        )
+        saved_state = (
+            RunState.load_or_fresh(self.run_dir, fingerprint, cfg.tasks)
+            if self.dist.is_main
+            else None
+        )
+        state: RunState = broadcast_object(saved_state)
+        if state.completed:
+            self.method.load_state_dict(state.method_state)
+            saved = results_path(self.run_dir)
+            if saved.is_file():
+                self.timing = json.loads(saved.read_text()).get("timing", {})
+        return state
 
     # ------------------------------------------------------------------ stages
 
@@ -200,19 +214,13 @@ class ContinualRun:
         """The per-task loop settings (data order seeded per stage; `task_steps` wins over
         `max_steps` for the tasks it names)."""
         cfg = self.cfg
-        return LoopConfig(
-            per_device_batch_size=cfg.per_device_batch_size,
+        return subset(
+            LoopConfig,
+            cfg,
             grad_accum=self.grad_accum,
-            epochs=cfg.epochs,
             max_steps=cfg.max_steps_for(task),
-            warmup_ratio=cfg.warmup_ratio,
-            weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            log_every=cfg.log_every,
-            save_every=cfg.save_every,
             seed=_stage_seed(cfg.seed, stage),
             share_prompt_prefix=not self.accel_info["gradient_checkpointing"] and not self.sharded,
-            group_by_length=cfg.group_by_length,
         )
 
     def load_saved_stage(self, model: torch.nn.Module, stage: int, task: str):
@@ -224,11 +232,9 @@ class ContinualRun:
 
     def train_stage(self, model: torch.nn.Module, stage: int, task: str):
         """Train a fresh LoRA on `task` (resuming its in-task checkpoint); save the adapter."""
-        cfg, ctx, bundle = self.cfg, self.ctx, self.bundle
-        from sefe_fast.data.coin import collate_train, load_train_dataset
-
+        cfg, dist, bundle = self.cfg, self.dist, self.bundle
         train_file = run_on_main_first(
-            ctx,
+            dist,
             self.method.prepare_train_file,
             task,
             self.data_dir / task / "train.json",
@@ -245,18 +251,18 @@ class ContinualRun:
             skip_bad=cfg.skip_bad,
             num_proc=cfg.num_proc,
         )
-        if ctx.is_main:
+        if dist.is_main:
             print(f"[sefe_fast] stage {stage} {task}: {stats.summary()}", flush=True)
         seed_everything(_stage_seed(cfg.seed, stage))  # same LoRA init on every rank
         peft_model = attach_lora(
             model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout
         )
         if not self.sharded:  # sharded, peft puts the factors beside their (device) weights
-            peft_model = peft_model.to(ctx.device)
+            peft_model = peft_model.to(dist.device)
         for param in projector_parameters(peft_model):
             param.data = param.data.float()  # the projector trains in fp32 (autocast computes)
         self.method.before_task(peft_model, task, stage)
-        seed_everything(_stage_seed(cfg.seed, stage, ctx.rank))  # dropout differs per rank
+        seed_everything(_stage_seed(cfg.seed, stage, dist.rank))  # dropout differs per rank
         groups = [{"params": lora_parameters(peft_model), "lr": cfg.lr, "name": "lora"}]
         if projector_parameters(peft_model):
             groups.append(
@@ -264,7 +270,7 @@ class ContinualRun:
             )
         ckpt_path = train_state_path(self.run_dir, stage, task)
         resume = load_train_state(ckpt_path)
-        if resume is not None and ctx.is_main:
+        if resume is not None and dist.is_main:
             print(f"[sefe_fast] resuming {task} from step {resume['step']} ({ckpt_path})")
         pad = bundle.tokenizer.pad_token_id
         result = train_task(
@@ -273,13 +279,13 @@ class ContinualRun:
             lambda items: collate_train(items, pad),
             groups,
             self.loop_config(stage, task),
-            ctx,
+            dist,
             accel=self.accel,
             extra_loss=self.method.extra_loss,
             log=self.train_log,
             log_fields={"phase": stage_name(stage, task), "stage": stage, "task": task},
             save_checkpoint=(lambda state: save_train_state(ckpt_path, state))
-            if ctx.is_main
+            if dist.is_main
             else (lambda state: None),
             resume=resume,
             desc=f"[{stage}/{len(cfg.tasks)}] {task}",
@@ -287,102 +293,18 @@ class ContinualRun:
         )
         self.timing.setdefault(task, {})["train_s"] = result.seconds
         self.timing[task]["tokens_per_s"] = result.tokens_per_s
-        if ctx.is_main:
+        if dist.is_main:
             save_adapter(peft_model, adapter_dir(self.run_dir, stage, task))
         barrier()
         return peft_model
 
     # ------------------------------------------------------------------ evaluation
 
-    def test_set(self, task: str) -> TestSet:
-        """This rank's shard of `task`'s test records, prompts encoded (cached per task)."""
-        if task in self.test_sets:
-            return self.test_sets[task]
-        from sefe_fast.data.coin import load_test_records
-        from sefe_fast.data.images import image_to_pixel_values, load_image
-        from sefe_fast.generate import encode_prompt
-
-        records = load_test_records(
-            self.data_dir / task / "test.json", self.image_root, skip_bad=self.cfg.skip_bad
-        )
-        if self.cfg.max_test_per_task is not None:
-            records = records[: self.cfg.max_test_per_task]
-        if not records:
-            raise ValueError(f"{self.data_dir / task / 'test.json'}: no test records")
-        shard = list(range(self.ctx.rank, len(records), self.ctx.world_size))
-        if self.sharded and not shard:
-            shard = [0]  # lockstep decoding needs a prompt on every rank; rank 0's answer is kept
-        b = self.bundle
-        prompts = [
-            encode_prompt(
-                records[i].text,
-                b.tokenizer,
-                image_token_id=b.image_token_id,
-                num_image_tokens=b.num_image_tokens,
-            )
-            for i in shard
-        ]
-        size = b.model.config.vision_config.image_size
-        cache = len(shard) * 3 * size * size * 4 <= PIXEL_CACHE_BYTES
-        pixels = (
-            [image_to_pixel_values(load_image(records[i].image), b.image_processor) for i in shard]
-            if cache
-            else None
-        )
-        self.test_sets[task] = TestSet(records, shard, prompts, pixels)
-        return self.test_sets[task]
-
-    def evaluate(self, model: torch.nn.Module, stage: int, eval_task: str) -> list[dict] | None:
-        """Greedy predictions of `model` on `eval_task` (rows in test-file order, rank 0)."""
-        from sefe_fast.data.images import image_to_pixel_values, load_image
-        from sefe_fast.generate import greedy_generate
-
-        test, b = self.test_set(eval_task), self.bundle
-        pixels = test.pixels
-        if pixels is None:
-            pixels = [
-                image_to_pixel_values(load_image(test.records[i].image), b.image_processor)
-                for i in test.shard
-            ]
-        outputs = greedy_generate(
-            model,
-            test.prompts,
-            pixels,
-            max_new_tokens=task_spec(eval_task).max_new_tokens,
-            eos_token_id=b.tokenizer.eos_token_id,
-            pad_token_id=b.tokenizer.pad_token_id,
-            banned_token_ids=[b.image_token_id],
-            batch_size=self.cfg.eval_batch_size,
-            device=self.ctx.device,
-            progress=self.ctx.is_main,
-            desc=f"eval {eval_task}",
-            autocast=lambda: autocast(self.accel, self.ctx.device),
-            lockstep=self.sharded,
-        )
-        texts = [b.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
-        gathered = gather_objects(list(zip(test.shard, texts)))
-        if not self.ctx.is_main:
-            return None
-        by_index: dict[int, str] = {}
-        for part in gathered:  # in rank order: a padding rank's repeat never wins
-            for index, text in part:
-                by_index.setdefault(index, text)
-        return [
-            {
-                "question_id": rec.question_id,
-                "prediction": by_index[i],
-                "answer": rec.gold,
-            }
-            for i, rec in enumerate(test.records)
-        ]
-
     def evaluate_stage(self, model: torch.nn.Module, stage: int, task: str) -> None:
         """Evaluate on tasks 1..stage; rank 0 writes predictions and fills the matrix row."""
-        from sefe_fast.evaluation import predictions_path, score_predictions, write_predictions
-
         t0 = time.perf_counter()
         for index, eval_task in enumerate(self.cfg.tasks[:stage]):
-            rows = self.evaluate(model, stage, eval_task)
+            rows = self.evaluator.predictions(model, eval_task)
             if rows is None:
                 continue
             write_predictions(predictions_path(self.run_dir, stage, task, eval_task), rows)
@@ -395,12 +317,6 @@ class ContinualRun:
 
     def results(self) -> dict[str, Any]:
         """results.json's content for the stages completed so far."""
-        import peft
-        import transformers
-
-        import sefe_fast
-        from sefe_fast.metrics import continual_metrics
-
         return {
             "tasks": list(self.cfg.tasks),
             "accuracy": self.state.accuracy,
@@ -409,7 +325,7 @@ class ContinualRun:
             "seed": self.cfg.seed,
             "config": {
                 **self.cfg.fingerprinted(),
-                "world_size": self.ctx.world_size,
+                "world_size": self.dist.world_size,
                 "grad_accum": self.grad_accum,
                 "accel": self.accel_info,
                 "model_source": self.bundle.source,
@@ -428,10 +344,10 @@ class ContinualRun:
 
     def finish_stage(self, stage: int, task: str) -> None:
         """Rank 0: record the stage as completed; write results.json and run_state.json."""
-        if self.ctx.is_main:
+        if self.dist.is_main:
             self.state.completed.append(stage)
             self.state.method_state = self.method.state_dict()
-            atomic_write_json(self.run_dir / "results.json", self.results())
+            atomic_write_json(results_path(self.run_dir), self.results())
             self.state.save(self.run_dir)
             train_state_path(self.run_dir, stage, task).unlink(missing_ok=True)
         barrier()
@@ -440,19 +356,7 @@ class ContinualRun:
 
     def run(self) -> dict[str, Any] | None:
         """All stages in order (replaying completed ones); then the summary and report."""
-        cfg, ctx = self.cfg, self.ctx
-        self.data_dir, self.image_root = self.prepare_data()
-        self.bundle = self.build_model()
-        fingerprint = config_fingerprint({**cfg.fingerprinted(), "world_size": ctx.world_size})
-        state = (
-            RunState.load_or_fresh(self.run_dir, fingerprint, cfg.tasks) if ctx.is_main else None
-        )
-        self.state: RunState = broadcast_object(state)
-        if self.state.completed:
-            self.method.load_state_dict(self.state.method_state)
-            saved = self.run_dir / "results.json"
-            if saved.is_file():
-                self.timing = json.loads(saved.read_text()).get("timing", {})
+        cfg, dist = self.cfg, self.dist
         model = self.bundle.model
         for stage, task in enumerate(cfg.tasks, start=1):
             if stage in self.state.completed:
@@ -462,25 +366,21 @@ class ContinualRun:
                 peft_model = self.load_saved_stage(model, stage, task)  # trained, not evaluated
             else:
                 peft_model = self.train_stage(model, stage, task)
-            self.method.after_task(peft_model, task, stage, self.run_dir, write=ctx.is_main)
+            self.method.after_task(peft_model, task, stage, self.run_dir, write=dist.is_main)
             model = merge_lora(peft_model)
             self.evaluate_stage(model, stage, task)
             self.finish_stage(stage, task)
-        if not ctx.is_main:
+        if not dist.is_main:
             return None
         results = self.results()
         self.print_summary(results)
-        from sefe_fast.report import write_report
-
         write_report(self.run_dir)
         return results
 
     def print_summary(self, results: dict[str, Any]) -> None:
         """The accuracy matrix and the continual metrics, on stdout."""
-        from sefe_fast.evaluation import format_matrix
-
         print(f"\naccuracy (%), row = after training, column = task ({self.cfg.method}):")
         print(format_matrix(results["tasks"], results["accuracy"]))
         metrics = results["metrics"]
         print("  ".join(f"{k} {metrics[k]:.2f}" for k in ("MFT", "MFN", "MAA", "BWT")))
-        print(f"results: {self.run_dir / 'results.json'}", file=sys.stdout, flush=True)
+        print(f"results: {results_path(self.run_dir)}", file=sys.stdout, flush=True)

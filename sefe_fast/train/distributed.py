@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
+import torch.distributed as torch_dist
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,8 @@ def init_distributed(timeout_minutes: float = 120.0) -> DistContext:
         device = torch.device("cpu")
         backend = "gloo"
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_world, 1)))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
+    if world_size > 1 and not torch_dist.is_initialized():
+        torch_dist.init_process_group(
             backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
         )
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
@@ -64,20 +64,20 @@ def init_distributed(timeout_minutes: float = 120.0) -> DistContext:
 
 def shutdown_distributed() -> None:
     """Leave the process group (no-op for a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def barrier() -> None:
     """Wait for every rank (no-op for a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.barrier()
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks, in place, and return it."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.all_reduce(value, op=torch_dist.ReduceOp.SUM)
     return value
 
 
@@ -85,14 +85,17 @@ def average_gradients(params: list[torch.Tensor]) -> None:
     """Replace each parameter's gradient by its mean over ranks (what DDP does), in one
     all-reduce of the flattened gradients. A missing gradient counts as zeros (and is
     created), so every rank reduces the same shapes."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if (
+        not (torch_dist.is_available() and torch_dist.is_initialized())
+        or torch_dist.get_world_size() == 1
+    ):
         return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= dist.get_world_size()
+    torch_dist.all_reduce(flat, op=torch_dist.ReduceOp.SUM)
+    flat /= torch_dist.get_world_size()
     offset = 0
     for p in params:
         n = p.grad.numel()
@@ -102,41 +105,41 @@ def average_gradients(params: list[torch.Tensor]) -> None:
 
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's `obj`, in rank order (on every rank; a one-element list without torchrun)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[Any] = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(out, obj)
     return out
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank `src`'s `obj` on every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (torch_dist.is_available() and torch_dist.is_initialized()):
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    torch_dist.broadcast_object_list(box, src=src)
     return box[0]
 
 
-def run_on_main_first(ctx: DistContext, fn, *args, **kwargs) -> Any:
+def run_on_main_first(dist: DistContext, fn, *args, **kwargs) -> Any:
     """Run `fn` on rank 0 (which may write files), then on the others after a barrier.
 
     For idempotent preparation steps (data generation, caches): rank 0 does the work,
     the others find it done. An exception on rank 0 is re-raised on every rank.
     """
     result, error = None, None
-    if ctx.is_main:
+    if dist.is_main:
         try:
             result = fn(*args, **kwargs)
         except Exception as exc:  # propagate to the other ranks instead of hanging them
             error = f"{type(exc).__name__}: {exc}"
-            if not ctx.distributed:
+            if not dist.distributed:
                 raise
     error = broadcast_object(error)
     if error is not None:
-        if ctx.is_main:
+        if dist.is_main:
             raise RuntimeError(error)
         raise RuntimeError(f"rank 0 failed: {error}")
-    if not ctx.is_main:
+    if not dist.is_main:
         result = fn(*args, **kwargs)
     return result

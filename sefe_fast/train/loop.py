@@ -37,6 +37,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
+from sefe_fast import paper_defaults as paper
 from sefe_fast.model.accel import AccelConfig, autocast
 from sefe_fast.model.sharding import is_sharded
 from sefe_fast.train.checkpoint import capture_rng, restore_rng
@@ -71,9 +72,9 @@ class LoopConfig:
     grad_accum: int = 1
     epochs: float = 1.0
     max_steps: int | None = None
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = paper.WARMUP_RATIO
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = paper.MAX_GRAD_NORM
     log_every: int = 10
     save_every: int = 0
     seed: int = 0
@@ -108,25 +109,25 @@ class BatchSchedule:
         batch_size: int,
         grad_accum: int,
         seed: int,
-        ctx: DistContext,
+        dist: DistContext,
         lengths: Sequence[int] | None = None,
     ):
-        self.n, self.batch_size, self.grad_accum, self.seed, self.ctx = (
+        self.n, self.batch_size, self.grad_accum, self.seed, self.dist = (
             n,
             batch_size,
             grad_accum,
             seed,
-            ctx,
+            dist,
         )
         if lengths is not None and len(lengths) != n:
             raise ValueError(f"{len(lengths)} lengths for {n} samples")
         self.lengths = lengths
-        per_rank = n // ctx.world_size
+        per_rank = n // dist.world_size
         self.steps_per_epoch = per_rank // batch_size // grad_accum
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{n} samples are too few for one optimizer step of {batch_size} x "
-                f"{grad_accum} micro-batches on {ctx.world_size} ranks"
+                f"{grad_accum} micro-batches on {dist.world_size} ranks"
             )
         self._epoch, self._batches = -1, []
 
@@ -137,8 +138,8 @@ class BatchSchedule:
         if epoch != self._epoch:
             sampler = DistributedSampler(
                 range(self.n),
-                num_replicas=self.ctx.world_size,
-                rank=self.ctx.rank,
+                num_replicas=self.dist.world_size,
+                rank=self.dist.rank,
                 shuffle=True,
                 seed=self.seed,
                 drop_last=True,
@@ -274,7 +275,7 @@ def train_task(
     collate: Callable[[Sequence[dict]], dict[str, torch.Tensor]],
     param_groups: list[dict[str, Any]],
     cfg: LoopConfig,
-    ctx: DistContext,
+    dist: DistContext,
     *,
     accel: AccelConfig,
     extra_loss: Callable[[torch.nn.Module, int], torch.Tensor | None] | None = None,
@@ -301,7 +302,7 @@ def train_task(
         batch_size=cfg.per_device_batch_size,
         grad_accum=cfg.grad_accum,
         seed=cfg.seed,
-        ctx=ctx,
+        dist=dist,
         lengths=dataset.lengths() if cfg.group_by_length and hasattr(dataset, "lengths") else None,
     )
     n_steps = total_steps(cfg, schedule.steps_per_epoch)
@@ -315,12 +316,12 @@ def train_task(
         load_trainable_state(model, resume["trainable"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
-        if len(resume["rng"]) != ctx.world_size:
+        if len(resume["rng"]) != dist.world_size:
             raise ValueError(
                 f"checkpoint was written by {len(resume['rng'])} processes, this run has "
-                f"{ctx.world_size}: resume with the same number of processes"
+                f"{dist.world_size}: resume with the same number of processes"
             )
-        restore_rng(resume["rng"][ctx.rank])
+        restore_rng(resume["rng"][dist.rank])
         start = int(resume["step"])
         if log is not None:
             log.truncate_after(phase, start)
@@ -328,13 +329,13 @@ def train_task(
     # A sharded model (FSDP) keeps its trainable parameters whole on every rank and averages
     # their gradients itself after the step's micro-batches; otherwise DDP does it.
     sharded = is_sharded(model)
-    use_ddp = ctx.distributed and not sharded
+    use_ddp = dist.distributed and not sharded
     if use_ddp:
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
         train_model = DistributedDataParallel(model, device_ids=device_ids)
     model.train()
 
-    bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not ctx.is_main, unit="step")
+    bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not dist.is_main, unit="step")
     t_start, tokens_seen = time.perf_counter(), 0
     loss_value = penalty_value = tokens_per_s = 0.0
     for step in range(start, n_steps):
@@ -349,16 +350,16 @@ def train_task(
             ],
             dtype=torch.float64,
         )
-        n_label, n_tokens = all_reduce_sum(counts.to(ctx.device)).tolist()
+        n_label, n_tokens = all_reduce_sum(counts.to(dist.device)).tolist()
         # Each rank divides by its share of the global count; DDP then averages over ranks.
-        per_rank_items = torch.tensor(max(n_label, 1.0) / ctx.world_size, device=ctx.device)
-        ce_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        per_rank_items = torch.tensor(max(n_label, 1.0) / dist.world_size, device=dist.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
         penalty = None
         for j, batch in enumerate(micro):
             last = j == len(micro) - 1
             no_sync = train_model.no_sync() if use_ddp and not last else contextlib.nullcontext()
-            with no_sync, autocast(accel, ctx.device):
-                batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            with no_sync, autocast(accel, dist.device):
+                batch = {k: v.to(dist.device) for k, v in batch.items()}
                 # Sharded, every rank must run the same number of forwards: no prefix pass.
                 share = cfg.share_prompt_prefix and not sharded
                 prefix = shared_prefix_length(batch, image_token_id) if share else 0
@@ -372,7 +373,7 @@ def train_task(
             ce_sum += out.loss.detach().double()
         if sharded:
             average_gradients(params)
-        stats = all_reduce_sum(ce_sum.reshape(1)) / ctx.world_size
+        stats = all_reduce_sum(ce_sum.reshape(1)) / dist.world_size
         loss_value = float(stats[0])
         penalty_value = float(penalty.detach()) if penalty is not None else 0.0
         if not (math.isfinite(loss_value) and math.isfinite(penalty_value)):

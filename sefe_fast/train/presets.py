@@ -1,12 +1,16 @@
-"""Named settings for `--preset` (plain data). Flags given on the command line win.
+"""Named settings for `--preset`: plain dicts of overrides of `RunConfig`'s defaults.
+
+`RunConfig`'s defaults are the paper's recipe (`sefe_fast.paper_defaults`); a preset names
+only what it changes, and flags given on the command line win over it. Every key must be a
+setting (`config.check_overrides`; `tests/test_train_cli.py` checks all presets).
 
 - `default`: the tiny LLaVA on mini-CoIN, all 8 tasks, SEFE, 70 optimizer steps per task
   (140 for ImageNet, 200 for GQA and OCRVQA), λ rescaled to the tiny model's learning rate;
   finishes on 2 CPU cores in 6–11 minutes (measured on two machines; RESULTS.md has the
   accuracies and times).
 - `smoke`: 3 tasks, a few steps, small test sets: a CI check of the whole pipeline.
-- `paper`: the paper's recipe for LLaVA-1.5-7B on CoIN (REFERENCE.md §3); needs `--model`
-  (or `--llm/--vision-tower/--projector`) and `--data`.
+- `paper`: the paper's recipe for LLaVA-1.5-7B on CoIN (docs/reference.md §3); needs
+  `--model` (or `--llm/--vision-tower/--projector`) and `--data`.
 """
 
 from __future__ import annotations
@@ -15,44 +19,8 @@ from typing import Any
 
 from sefe_fast.tasks import COIN_TASKS
 
-# Values every preset starts from (the paper's method hyperparameters).
-BASE: dict[str, Any] = {
-    "tasks": list(COIN_TASKS),
-    "method": "sefe",
-    "seed": 0,
-    "reg_lambda": 2.5e3,
-    "mask_ratio": 0.02,
-    "asd_ratio": 0.2,
-    "reg_backend": "auto",
-    "olora_lambda1": 0.5,
-    "olora_lambda2": 0.0,
-    "lora_dropout": 0.05,
-    "weight_decay": 0.0,
-    "warmup_ratio": 0.03,
-    "max_grad_norm": 1.0,
-    "epochs": 1.0,
-    "max_steps": None,
-    "task_steps": {},  # task name → optimizer steps, wins over max_steps for that task
-    "max_test_per_task": None,
-    "minicoin_n_train": None,
-    "minicoin_n_test": None,
-    "eval_batch_size": 64,
-    "save_every": 0,
-    "log_every": 10,
-    "group_by_length": True,
-    "flash_attn": True,
-    "liger": True,
-    "bf16": True,
-    "gradient_checkpointing": True,
-    "fsdp": False,
-    "skip_bad": False,
-    "num_proc": 1,
-    "stage0_steps": None,  # tiny model only: None = Stage0Config's (the shipped weights')
-}
-
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {
-        **BASE,
         "model": "tiny",
         "lora_r": 16,
         "lora_alpha": 32,
@@ -73,11 +41,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup_ratio": 0.05,
         "max_length": 768,
         "minicoin_n_train": 2000,
-        "minicoin_n_test": None,  # mini-CoIN's default (60)
         "save_every": 20,
     },
     "smoke": {
-        **BASE,
         "model": "tiny",
         "tasks": list(COIN_TASKS[:3]),
         "lora_r": 8,
@@ -95,16 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log_every": 1,
     },
     "paper": {
-        **BASE,
-        "model": None,
-        "lora_r": 128,
-        "lora_alpha": 256,
-        "lr": 2e-4,
-        "projector_lr": 2e-5,
-        "global_batch_size": 128,
-        "per_device_batch_size": 16,
-        "epochs": 1.0,
-        "max_length": 2048,
+        # the recipe is RunConfig's defaults; what a run of that size needs besides
         "save_every": 500,
         "eval_batch_size": 32,
         "num_proc": 8,

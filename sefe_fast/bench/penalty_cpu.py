@@ -1,6 +1,6 @@
 """Side-by-side CPU measurements of the fast RegLoRA paths against the official ones.
 
-    python -m sefe_fast.reglora.measure [--repeats 5] [--json out.json] [--quick]
+    python -m sefe_fast.bench.penalty_cpu [--repeats 5] [--json out.json] [--quick]
         [--parts time,memory,selection] [--threads N] [--omp-wait-policy passive|active|inherit]
 
 Measures, in one run:
@@ -23,28 +23,29 @@ other way out). Memory is measured two ways:
 through /proc/self/clear_refs), which also sees allocator and MKL buffers. The gradient
 buffers a backward creates count as extra memory on both sides.
 
-The helpers (`peak_extra_bytes`, `min_time`, `make_masks`, ...) are importable for the
-benchmark suite.
+The measuring helpers are in `sefe_fast.bench.measuring`, the workloads (random LoRA pairs,
+their selections) in `sefe_fast.bench.workloads`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import gc
-import json
 import os
 import sys
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from sefe_fast.bench.measuring import (
+    interleaved_min_times,
+    peak_extra_bytes,
+    rss_available,
+)
+from sefe_fast.bench.workloads import make_masks, random_lora
 from sefe_fast.io_utils import atomic_write_json
-from sefe_fast.reglora.key_elements import KeyElements, merge_key_elements
+from sefe_fast.paper_defaults import MASK_RATIO
+from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.reglora.penalty import penalty_torch, reference_penalty_from_indices
 from sefe_fast.reglora.selection import select_key_elements, select_key_elements_dense
 
@@ -54,130 +55,6 @@ TARGETS = {  # the speed-up / memory-reduction factors the fast paths must reach
     "penalty_memory_reduction_7tasks": 20.0,
     "selection_memory_reduction": 10.0,
 }
-
-
-# --- measuring helpers -------------------------------------------------------------------
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def rss_available() -> bool:
-    """Whether /proc/self/clear_refs can reset the resident high-water mark (Linux)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        _status_bytes("VmHWM")
-        return True
-    except OSError:
-        return False
-
-
-def _release_free_heap() -> None:
-    """Return freed heap memory to the OS (glibc malloc_trim), so that a measured function
-    cannot reuse pages an earlier one left resident and look free of cost."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: only less strict
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def peak_extra_rss_bytes(fn: Callable[[], object]) -> int:
-    """Growth of the resident-set high-water mark while `fn()` runs, in bytes."""
-    gc.collect()
-    _release_free_heap()
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets VmHWM to the current VmRSS
-    base = _status_bytes("VmRSS")
-    fn()
-    return max(0, _status_bytes("VmHWM") - base)
-
-
-def peak_extra_torch_bytes(fn: Callable[[], object]) -> int:
-    """High-water mark of CPU tensor bytes allocated (net of frees) during `fn()`, in bytes.
-
-    Read from the profiler's memory events (address, size, time), so it sees exactly the
-    tensors torch allocates on the CPU, temporaries included. Frees of blocks allocated
-    before `fn()` started (e.g. old .grad buffers) are ignored: they would hide new memory.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as tmp:
-        trace = Path(tmp) / "trace.json"
-        prof.export_chrome_trace(str(trace))
-        events = json.loads(trace.read_text())["traceEvents"]
-    memory = [
-        e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type") == 0
-    ]
-    memory.sort(key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))
-    live: dict[int, int] = {}
-    current = peak = 0
-    for event in memory:
-        nbytes, address = int(event["args"]["Bytes"]), int(event["args"]["Addr"])
-        if nbytes > 0:
-            live[address] = live.get(address, 0) + nbytes
-            current += nbytes
-        elif address in live:
-            current -= live.pop(address)
-        peak = max(peak, current)
-    return peak
-
-
-def peak_extra_bytes(fn: Callable[[], object], method: str = "torch") -> int:
-    """Peak extra memory of `fn()` in bytes: method "torch" (tensors) or "rss" (process)."""
-    if method == "torch":
-        return peak_extra_torch_bytes(fn)
-    if method == "rss":
-        return peak_extra_rss_bytes(fn)
-    raise ValueError(f"unknown memory method {method!r}; use 'torch' or 'rss'")
-
-
-def min_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Minimum wall time of `fn()` in seconds over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def interleaved_min_times(
-    fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1
-) -> dict[str, float]:
-    """Minimum seconds per function, running them in turn so load affects all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
-
-
-# --- workloads -----------------------------------------------------------------------------
-def random_lora(k: int, d: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A (B k×r, A r×d) fp32 pair with a trained-LoRA-like scale, from `seed`."""
-    gen = torch.Generator().manual_seed(seed)
-    lora_B = torch.randn(k, r, generator=gen) * 0.01
-    lora_A = torch.randn(r, d, generator=gen) / d**0.5
-    return lora_B, lora_A
-
-
-def make_masks(k: int, d: int, r: int, tasks: int, ratio: float = 0.02, seed: int = 0):
-    """Merged key elements of `tasks` selections from independent random LoRA pairs."""
-    return merge_key_elements(
-        [select_key_elements(*random_lora(k, d, r, seed + 1000 + t), ratio) for t in range(tasks)]
-    )
 
 
 def penalty_runners(
@@ -217,7 +94,7 @@ def measure_penalty_time(repeats: int, size: int = 4096, r: int = 128) -> dict[s
     return out
 
 
-def measure_penalty_memory(k: int = 11008, d: int = 4096, r: int = 128, tasks: int = 7):
+def measure_penalty_peaks(k: int = 11008, d: int = 4096, r: int = 128, tasks: int = 7):
     """Peak extra bytes of fwd+bwd, reference vs torch, at k×d with `tasks` tasks' masks."""
     lora_B, lora_A = random_lora(k, d, r, seed=2)
     runners = penalty_runners(lora_B, lora_A, make_masks(k, d, r, tasks))
@@ -235,7 +112,7 @@ def measure_penalty_memory(k: int = 11008, d: int = 4096, r: int = 128, tasks: i
     return out
 
 
-def measure_selection(k: int = 11008, d: int = 4096, r: int = 128, ratio: float = 0.02):
+def measure_selection(k: int = 11008, d: int = 4096, r: int = 128, ratio: float = MASK_RATIO):
     """Peak extra bytes and seconds of dense vs streaming selection; storage bytes/entry."""
     lora_B, lora_A = random_lora(k, d, r, seed=3)
     out: dict[str, float] = {}
@@ -271,7 +148,7 @@ def run(repeats: int = 5, quick: bool = False, parts=PARTS) -> dict[str, float |
     if "time" in parts:
         results.update(measure_penalty_time(repeats, *((1024, 32) if quick else (4096, 128))))
     if "memory" in parts:
-        results.update(measure_penalty_memory(*((2048, 1024, 32) if quick else ())))
+        results.update(measure_penalty_peaks(*((2048, 1024, 32) if quick else ())))
     if "selection" in parts:
         results.update(measure_selection(*((2048, 1024, 32) if quick else ())))
     results["torch_threads"] = torch.get_num_threads()
@@ -347,13 +224,8 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "interleaved_min_times",
-    "make_masks",
-    "min_time",
-    "peak_extra_bytes",
-    "peak_extra_rss_bytes",
-    "peak_extra_torch_bytes",
+    "measure_penalty_peaks",
+    "measure_penalty_time",
+    "measure_selection",
     "penalty_runners",
-    "random_lora",
-    "rss_available",
 ]

@@ -1,7 +1,7 @@
 """`reglora`: RegLoRA — penalise the new LoRA's ΔW at earlier tasks' key positions.
 
 After each task the top M % |B·A| positions of every LoRA matrix are kept
-(`collect_key_elements`), saved under `run_dir/key_elements/`, and concatenated with the
+(`collect_key_elements`), saved in the run directory (`run_layout.key_elements_path`), and concatenated with the
 earlier tasks' positions (`merge_key_elements`, duplicates kept). While training later
 tasks, L_reg = λ · mean over matrices of the mean |ΔW| at those positions
 (`sefe_fast.reglora.RegLoRA`). Task 1 has no penalty.
@@ -15,11 +15,15 @@ from typing import Any
 import torch
 
 from sefe_fast.methods.base import ContinualMethod
-
-
-def key_elements_path(run_dir: Path, stage: int, task: str) -> Path:
-    """`run_dir/key_elements/stage{NN}_{task}.safetensors`: one task's selected positions."""
-    return run_dir / "key_elements" / f"stage{stage:02d}_{task}.safetensors"
+from sefe_fast.reglora import (
+    RegLoRA,
+    collect_key_elements,
+    load_key_elements,
+    lora_factors,
+    merge_key_elements,
+    save_key_elements,
+)
+from sefe_fast.run_layout import key_elements_path
 
 
 class RegLoRAMixin(ContinualMethod):
@@ -34,8 +38,6 @@ class RegLoRAMixin(ContinualMethod):
     def before_task(self, model: torch.nn.Module, task: str, stage: int) -> None:
         """Build the penalty from the key elements of every earlier task."""
         super().before_task(model, task, stage)
-        from sefe_fast.reglora import RegLoRA
-
         self.penalty = None
         if self.merged:
             self.penalty = RegLoRA(
@@ -47,8 +49,6 @@ class RegLoRAMixin(ContinualMethod):
         base = super().extra_loss(model, step)
         if self.penalty is None:
             return base
-        from sefe_fast.reglora import lora_factors
-
         term = self.penalty(lora_factors(model))
         return term if base is None else base + term
 
@@ -57,8 +57,6 @@ class RegLoRAMixin(ContinualMethod):
     ) -> None:
         """Select this task's key elements, save them (rank 0) and merge them into the set."""
         super().after_task(model, task, stage, run_dir, write)
-        from sefe_fast.reglora import collect_key_elements, save_key_elements
-
         selected = collect_key_elements(model, self.config.mask_ratio)
         if not selected:
             raise ValueError(f"{task}: the model has no LoRA matrices to select key elements from")
@@ -69,8 +67,6 @@ class RegLoRAMixin(ContinualMethod):
         self._merge_in(selected)
 
     def _merge_in(self, selected: dict[str, Any]) -> None:
-        from sefe_fast.reglora import merge_key_elements
-
         if self.merged and set(selected) != set(self.merged):
             raise ValueError(
                 "key elements cover other LoRA matrices than earlier tasks': "
@@ -88,8 +84,6 @@ class RegLoRAMixin(ContinualMethod):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Reload and re-merge the key elements of the completed tasks."""
         super().load_state_dict(state)
-        from sefe_fast.reglora import load_key_elements
-
         self.files, self.merged = [], {}
         for path in state.get("key_element_files", []):
             self._merge_in(load_key_elements(path))

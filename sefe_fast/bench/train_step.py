@@ -1,6 +1,6 @@
 """Measure what RegLoRA adds to a training step of the tiny model (plain LoRA vs. penalty).
 
-    python -m sefe_fast.train.bench_reglora [--steps 5] [--rounds 3] [--tasks 7]
+    python -m sefe_fast.bench.train_step [--steps 5] [--rounds 3] [--tasks 7]
 
 Each mode runs the same optimizer step (forward, backward, AdamW) on the same batch of
 mini-CoIN-length sequences: `lora` (no penalty), `reference` (the official formula: dense
@@ -23,6 +23,7 @@ import torch
 
 from sefe_fast.model.lora import attach_lora, lora_parameters, merge_lora
 from sefe_fast.model.tiny import TinyConfig, build_tiny_model
+from sefe_fast.paper_defaults import REG_LAMBDA
 from sefe_fast.reglora import RegLoRA, collect_key_elements, lora_factors, merge_key_elements
 
 
@@ -61,7 +62,10 @@ def measure(
     ids[:, 1 : 1 + bundle.num_image_tokens] = bundle.image_token_id
     pixels = torch.randn(batch, 3, 32, 32)
     backends = ["reference", "torch"] + (["triton"] if torch.cuda.is_available() else [])
-    modes = {"lora": None, **{b: RegLoRA(merged, lam=2.5e3, backend=b) for b in backends}}
+    modes = {
+        "lora": None,
+        **{backend: RegLoRA(merged, lam=REG_LAMBDA, backend=backend) for backend in backends},
+    }
 
     def step(reg: RegLoRA | None) -> None:
         loss = peft_model(input_ids=ids, pixel_values=pixels, labels=ids).loss
@@ -104,7 +108,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI: print the measurement as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m sefe_fast.train.bench_reglora")
+    parser = argparse.ArgumentParser(prog="python -m sefe_fast.bench.train_step")
     parser.add_argument("--steps", type=int, default=5, help="steps per mode per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", type=int, default=7, help="earlier tasks' key elements")

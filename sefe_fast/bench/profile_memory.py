@@ -1,0 +1,440 @@
+"""Memory profile of RegLoRA over a continual run: vanilla (official) against sefe_fast.
+
+    python -m sefe_fast.profile_memory [--spec llava-7b|llava-13b|tiny | --layout L]
+        [--rank 128] [--ratio 0.02] [--tasks 8] [--dtype bf16|fp32] [--threads 1]
+        [--json] [--plot FILE.png] [--cache-dir DIR | --no-cache]
+
+For every number of prior tasks p = 0 … tasks-1 (training task p+1) it reports:
+
+- mask bytes. Vanilla: the official int64 (row, col) pairs, 16 B per entry, computed
+  exactly as 16 · p · Σ_matrices int(ratio·k·d) (the format's size: nothing to measure).
+  sefe_fast: the real `KeyElements.nbytes` of real selections — the top `ratio` of |B·A|
+  of seeded random LoRA factors of each distinct shape, one selection per shape and task,
+  cached on disk — times the number of matrices of that shape (all matrices of one shape
+  are given the same selections: the compact size depends on the mask's gaps, which are
+  alike across matrices of one shape).
+- sefe_fast plan bytes: the `PositionPlan` the fast backends evaluate (int16 rows and
+  cols, uint8 multiplicity and an int32 column-order permutation per unique position, plus
+  the row/column offsets), real nbytes, scaled the same way. It is held while a task trains
+  (on the GPU for the Triton backend); the torch backend also caches 3 B per unique
+  position (rows and multiplicities in column order) for its column-order pass.
+- peak and saved-for-backward bytes of the regularizer's forward+backward, *measured* on
+  this machine once per distinct shape and p: the peak from the profiler's memory events
+  (tensor bytes allocated net of frees; the persistent gradient buffers, which training
+  holds anyway, are allocated beforehand and not counted), the saved bytes with
+  `torch.autograd.graph.saved_tensors_hooks` (storages that existed before — factors,
+  masks, plans — not counted). Vanilla is the official formula on int64 positions held in
+  memory; sefe_fast is `reglora_penalty(..., backend="torch")` with its plan built (a
+  trainer builds it once per task). The factors have the training dtype (`--dtype`,
+  default bf16 as LLaVA/CoIN trains under DeepSpeed bf16); both sides compute ΔW's entries
+  in fp32, so vanilla's fp32 copies of bf16 factors are saved for its backward.
+- model totals (modelled aggregation of the measured per-shape numbers): L_reg sums the
+  penalties of all matrices, then one backward runs, so every matrix's saved tensors are
+  alive from its forward until its backward, while at most one matrix is in its transient
+  (forward temporaries or its backward) at a time:
+      peak_model = Σ_matrices saved + max_matrices (peak − saved).
+  This holds for both sides alike.
+
+p = 0 (the first task) has no regularizer: everything is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sefe_fast.bench.lora_shapes import SPECS, ModelSpec, parse_layout
+from sefe_fast.bench.measuring import SavedTensorBytes, peak_extra_torch_bytes
+from sefe_fast.bench.workloads import (
+    CURRENT_SEED,
+    default_cache_dir,
+    random_lora,
+    task_selection,
+)
+from sefe_fast.io_utils import atomic_path
+from sefe_fast.paper_defaults import MASK_RATIO
+from sefe_fast.position_plan import plan_tensors
+from sefe_fast.reglora import (
+    KeyElements,
+    merge_key_elements,
+    reference_penalty_from_indices,
+    reglora_penalty,
+)
+from sefe_fast.reglora.selection import num_selected
+
+VANILLA_BYTES_PER_ENTRY = 16  # int64 (row, col)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+ROW_KEYS = (
+    "prior_tasks",
+    "positions",
+    "unique_positions",
+    "vanilla_mask_bytes",
+    "sefe_fast_mask_bytes",
+    "sefe_fast_plan_bytes",
+    "vanilla_peak_bytes",
+    "sefe_fast_peak_bytes",
+    "vanilla_saved_bytes",
+    "sefe_fast_saved_bytes",
+)
+
+
+# --- measuring one matrix ------------------------------------------------------------------
+@dataclass(frozen=True)
+class PenaltyMemory:
+    """Peak extra bytes of one forward+backward and the bytes saved for its backward."""
+
+    peak_bytes: int
+    saved_bytes: int
+
+
+def measure_penalty_memory(
+    lora_B: torch.Tensor,
+    lora_A: torch.Tensor,
+    key_elements: KeyElements,
+    side: str,
+    dtype: torch.dtype = torch.float32,
+) -> PenaltyMemory:
+    """Measure the penalty of one matrix: `side` "vanilla" (official formula on int64
+    positions) or "sefe_fast" (the torch backend on its plan), on the CPU, with the factors
+    cast to `dtype` (both sides compute ΔW's entries in fp32).
+
+    The factors' gradient buffers exist before (as in training) and are not counted; the
+    vanilla positions and the sefe_fast plan (and the backend's caches, built by a warm-up
+    run) are held before the measurement and not counted either: they are reported as mask
+    and plan bytes.
+    """
+    B = lora_B.detach().to(dtype=dtype, copy=True).requires_grad_()
+    A = lora_A.detach().to(dtype=dtype, copy=True).requires_grad_()
+    B.grad, A.grad = torch.zeros_like(B), torch.zeros_like(A)
+    if side == "vanilla":
+        indices = key_elements.indices()
+        existing = [B, A, indices]
+
+        def forward() -> torch.Tensor:
+            return reference_penalty_from_indices(B, A, indices)
+    elif side == "sefe_fast":
+        plan = key_elements.plan()
+        existing = [B, A, *plan_tensors(plan).values()]
+
+        def forward() -> torch.Tensor:
+            return reglora_penalty(B, A, key_elements, backend="torch")
+
+        forward().backward()  # warm-up: the backend's per-plan caches, as in training
+    else:
+        raise ValueError(f"unknown side {side!r}; use 'vanilla' or 'sefe_fast'")
+
+    counter = SavedTensorBytes(existing)
+
+    def step() -> None:
+        with counter:
+            loss = forward()
+        loss.backward()
+
+    peak = peak_extra_torch_bytes(step)
+    return PenaltyMemory(peak_bytes=int(peak), saved_bytes=int(counter.bytes))
+
+
+def aggregate_peak(per_shape: Sequence[tuple[int, PenaltyMemory]]) -> int:
+    """Model-level peak from (matrix count, per-matrix measurement) pairs:
+    Σ count·saved + max(peak − saved) (see the module docstring)."""
+    if not per_shape:
+        return 0
+    saved = sum(count * m.saved_bytes for count, m in per_shape)
+    transient = max(max(m.peak_bytes - m.saved_bytes, 0) for _, m in per_shape)
+    return saved + transient
+
+
+# --- the profile ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShapeMeasurement:
+    """The measured numbers of one distinct shape at p prior tasks (per matrix)."""
+
+    k: int
+    d: int
+    count: int
+    prior_tasks: int
+    positions: int
+    unique_positions: int
+    sefe_fast_mask_bytes: int
+    sefe_fast_plan_bytes: int
+    vanilla: PenaltyMemory
+    sefe_fast: PenaltyMemory
+
+
+def vanilla_mask_bytes(spec: ModelSpec, ratio: float, prior_tasks: int) -> int:
+    """16 B · p · Σ_matrices int(ratio·k·d): the official masks after p tasks."""
+    per_task = sum(g.count * num_selected((g.k, g.d), ratio) for g in spec.groups)
+    return VANILLA_BYTES_PER_ENTRY * per_task * prior_tasks
+
+
+def profile(
+    spec: ModelSpec,
+    rank: int = 128,
+    ratio: float = MASK_RATIO,
+    tasks: int = 8,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[list[dict], list[ShapeMeasurement]]:
+    """Rows (keys ROW_KEYS, model totals, one per p = 0 … tasks-1) and per-shape details.
+
+    `dtype`: the LoRA factors' dtype during training (the selections are made in fp32).
+    """
+    if tasks < 1:
+        raise ValueError(f"tasks must be ≥ 1, got {tasks}")
+    if rank < 1:
+        raise ValueError(f"rank must be ≥ 1, got {rank}")
+    num_selected((1, 1), ratio)  # validates the ratio
+    shapes = spec.shape_counts()
+    prior = range(1, tasks)
+    bar = tqdm(
+        total=len(shapes) * (2 * len(prior)),
+        desc="profile_memory",
+        unit="step",
+        disable=not progress,
+    )
+    details: list[ShapeMeasurement] = []
+    for (k, d), count in shapes.items():
+        selections: list[KeyElements] = []
+        lora_B, lora_A = random_lora(k, d, rank, seed=CURRENT_SEED)
+        for p in prior:
+            bar.set_postfix_str(f"{k}x{d} select task {p}")
+            selections.append(task_selection(k, d, rank, ratio, p - 1, cache_dir))
+            bar.update(1)
+            merged = merge_key_elements(selections)
+            if len(merged) != p * num_selected((k, d), ratio):
+                raise RuntimeError(
+                    f"{k}x{d}: {p} selections hold {len(merged)} positions, expected "
+                    f"{p} × {num_selected((k, d), ratio)}"
+                )
+            bar.set_postfix_str(f"{k}x{d} measure {p} prior")
+            plan = merged.plan()
+            details.append(
+                ShapeMeasurement(
+                    k=k,
+                    d=d,
+                    count=count,
+                    prior_tasks=p,
+                    positions=len(merged),
+                    unique_positions=plan.num_unique,
+                    sefe_fast_mask_bytes=merged.nbytes,
+                    sefe_fast_plan_bytes=plan.nbytes,
+                    vanilla=measure_penalty_memory(lora_B, lora_A, merged, "vanilla", dtype),
+                    sefe_fast=measure_penalty_memory(lora_B, lora_A, merged, "sefe_fast", dtype),
+                )
+            )
+            bar.update(1)
+    bar.close()
+    rows = [_row(spec, ratio, p, [m for m in details if m.prior_tasks == p]) for p in range(tasks)]
+    return rows, details
+
+
+def _row(spec: ModelSpec, ratio: float, p: int, measured: list[ShapeMeasurement]) -> dict:
+    def total(attr: str) -> int:
+        return sum(m.count * getattr(m, attr) for m in measured)
+
+    return {
+        "prior_tasks": p,
+        "positions": total("positions"),
+        "unique_positions": total("unique_positions"),
+        "vanilla_mask_bytes": vanilla_mask_bytes(spec, ratio, p),
+        "sefe_fast_mask_bytes": total("sefe_fast_mask_bytes"),
+        "sefe_fast_plan_bytes": total("sefe_fast_plan_bytes"),
+        "vanilla_peak_bytes": aggregate_peak([(m.count, m.vanilla) for m in measured]),
+        "sefe_fast_peak_bytes": aggregate_peak([(m.count, m.sefe_fast) for m in measured]),
+        "vanilla_saved_bytes": sum(m.count * m.vanilla.saved_bytes for m in measured),
+        "sefe_fast_saved_bytes": sum(m.count * m.sefe_fast.saved_bytes for m in measured),
+    }
+
+
+# --- output --------------------------------------------------------------------------------
+def _unit(values: list[int]) -> tuple[str, float]:
+    """The unit (name, bytes) that suits the largest of `values`: GB, MB or kB."""
+    top = max(values, default=0)
+    if top >= 1e9:
+        return "GB", 1e9
+    return ("MB", 1e6) if top >= 1e6 else ("kB", 1e3)
+
+
+def _ratio(a: int, b: int) -> str:
+    return f"{a / b:.1f}×" if b else "-"
+
+
+def format_tables(
+    spec: ModelSpec,
+    rank: int,
+    ratio: float,
+    rows: list[dict],
+    details: list[ShapeMeasurement],
+    dtype_name: str = "fp32",
+) -> str:
+    """The readable report: settings, per-shape measurements, model totals with ratios."""
+    layout = ", ".join(f"{g.names} {g.k}×{g.d} ×{g.count}" for g in spec.groups)
+    shape_values = [
+        v
+        for m in details
+        for v in (m.sefe_fast_plan_bytes, m.vanilla.peak_bytes, m.sefe_fast.peak_bytes)
+    ]
+    unit, div = _unit(shape_values)
+
+    def u(n: int) -> str:
+        return f"{n / div:,.2f}"
+
+    lines = [
+        f"RegLoRA memory profile: spec {spec.name} ({spec.num_matrices} matrices: {layout}), "
+        f"r = {rank}, M = {ratio:g}, {dtype_name} factors, torch {torch.__version__}",
+        "",
+        f"Measured per matrix, once per distinct shape ({unit}; peak = forward+backward, "
+        "tensor bytes from the profiler's memory events):",
+        "| shape | ×count | prior tasks | positions | unique | sefe_fast mask | plan "
+        "| vanilla peak | vanilla saved | sefe_fast peak | sefe_fast saved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in details:
+        lines.append(
+            f"| {m.k}×{m.d} | {m.count} | {m.prior_tasks} | {m.positions:,} | "
+            f"{m.unique_positions:,} | {u(m.sefe_fast_mask_bytes)} | "
+            f"{u(m.sefe_fast_plan_bytes)} | {u(m.vanilla.peak_bytes)} | "
+            f"{u(m.vanilla.saved_bytes)} | {u(m.sefe_fast.peak_bytes)} | "
+            f"{u(m.sefe_fast.saved_bytes)} |"
+        )
+    unit, div = _unit([r["vanilla_mask_bytes"] for r in rows])
+    lines += [
+        "",
+        f"Whole model ({unit}). Masks: vanilla = 16 B × entries (computed), sefe_fast = real "
+        "KeyElements.nbytes × matrices per shape. Plan: real PositionPlan nbytes × matrices. "
+        "Peak and saved: measured per shape, aggregated (modelled) as "
+        "Σ saved + max(peak − saved) over the matrices.",
+        "| prior tasks | vanilla masks | sefe_fast masks | ratio | sefe_fast plan "
+        "| vanilla peak | sefe_fast peak | ratio | vanilla saved | sefe_fast saved |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['prior_tasks']} | {u(r['vanilla_mask_bytes'])} | "
+            f"{u(r['sefe_fast_mask_bytes'])} | "
+            f"{_ratio(r['vanilla_mask_bytes'], r['sefe_fast_mask_bytes'])} | "
+            f"{u(r['sefe_fast_plan_bytes'])} | {u(r['vanilla_peak_bytes'])} | "
+            f"{u(r['sefe_fast_peak_bytes'])} | "
+            f"{_ratio(r['vanilla_peak_bytes'], r['sefe_fast_peak_bytes'])} | "
+            f"{u(r['vanilla_saved_bytes'])} | {u(r['sefe_fast_saved_bytes'])} |"
+        )
+    lines.append("prior tasks = 0 is the first task: no regularizer, nothing held.")
+    return "\n".join(lines)
+
+
+def plot_profile(rows: list[dict], path: Path, title: str) -> Path:
+    """Memory (GB, log scale) against prior tasks for both sides; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [r["prior_tasks"] for r in rows if r["prior_tasks"] > 0]
+    series = [
+        ("vanilla masks (int64 pairs)", "vanilla_mask_bytes", "tab:red", "-"),
+        ("vanilla regularizer peak", "vanilla_peak_bytes", "tab:red", "--"),
+        ("sefe_fast masks (compact)", "sefe_fast_mask_bytes", "tab:blue", "-"),
+        ("sefe_fast plan (held while training)", "sefe_fast_plan_bytes", "tab:blue", ":"),
+        ("sefe_fast regularizer peak", "sefe_fast_peak_bytes", "tab:blue", "--"),
+    ]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    for label, key, color, style in series:
+        ys = [r[key] / 1e9 for r in rows if r["prior_tasks"] > 0]
+        ax.plot(xs, ys, style, color=color, marker="o", markersize=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("prior tasks (masks merged)")
+    ax.set_ylabel("GB")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m sefe_fast.profile_memory",
+        description="RegLoRA memory profile over a continual run: vanilla vs sefe_fast.",
+    )
+    parser.add_argument("--spec", choices=sorted(SPECS), default="llava-7b")
+    parser.add_argument(
+        "--layout",
+        default=None,
+        help='custom matrices instead of --spec: "KxD:COUNT,..." (e.g. "4096x4096:128")',
+    )
+    parser.add_argument("--rank", type=int, default=128, help="LoRA rank r")
+    parser.add_argument("--ratio", type=float, default=0.02, help="M, fraction kept per task")
+    parser.add_argument("--tasks", type=int, default=8, help="tasks in the run (rows 0…T-1)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bf16",
+        help="LoRA factors' dtype in training (bf16: LLaVA/CoIN under DeepSpeed bf16)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (0: torch's default). Bytes do not depend on it; one "
+        "thread keeps the run quick and steady on a shared machine",
+    )
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON only")
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="selection cache folder")
+    parser.add_argument("--no-cache", action="store_true", help="recompute every selection")
+    args = parser.parse_args(argv)
+    cache_dir = None if args.no_cache else (args.cache_dir or default_cache_dir())
+    if args.threads < 0:
+        parser.error(f"--threads must be ≥ 0, got {args.threads}")
+    previous_threads = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        spec = parse_layout(args.layout) if args.layout else SPECS[args.spec]
+        rows, details = profile(
+            spec, args.rank, args.ratio, args.tasks, cache_dir, dtype=DTYPES[args.dtype]
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+    finally:
+        torch.set_num_threads(previous_threads)  # main() may run inside another program
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(format_tables(spec, args.rank, args.ratio, rows, details, args.dtype))
+    if args.plot is not None:
+        title = f"RegLoRA memory, {spec.name}, r={args.rank}, M={args.ratio:g}, {args.dtype}"
+        plot_profile(rows, args.plot, title)
+        if not args.json:
+            print(f"plot: {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "ROW_KEYS",
+    "PenaltyMemory",
+    "ShapeMeasurement",
+    "aggregate_peak",
+    "main",
+    "measure_penalty_memory",
+    "plot_profile",
+    "profile",
+    "vanilla_mask_bytes",
+]

@@ -1,0 +1,135 @@
+"""Evaluation of one stage's model: greedy answers on every test set, sharded over ranks.
+
+Each rank decodes its shard of a task's test records (records i ≡ rank mod world size;
+under FSDP every rank decodes in lockstep, so a rank without records repeats record 0 and
+rank 0's answer is kept); rank 0 gathers the answers in test-file order. A task's test set
+(records, encoded prompts, and the processed images while they fit in PIXEL_CACHE_BYTES) is
+prepared once and kept across stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sefe_fast.data.coin import load_test_records
+from sefe_fast.data.images import image_to_pixel_values, load_image
+from sefe_fast.generate import encode_prompt, greedy_generate
+from sefe_fast.model.accel import AccelConfig, autocast
+from sefe_fast.model.build import ModelBundle
+from sefe_fast.tasks import task_spec
+from sefe_fast.train.config import RunConfig
+from sefe_fast.train.distributed import DistContext, gather_objects
+
+# Processed test images are kept across stages while they fit in this many bytes.
+PIXEL_CACHE_BYTES = 512 << 20
+
+
+@dataclass
+class TestSet:
+    """One task's test records on this rank: its shard's indices, prompts and images."""
+
+    records: list[Any]
+    shard: list[int]
+    prompts: list[list[int]]
+    pixels: list[torch.Tensor] | None  # None when not cached (computed per stage)
+
+
+class StageEvaluator:
+    """Greedy predictions of a model on the tasks' test sets (this rank's shard; rank 0 gathers)."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        dist: DistContext,
+        bundle: ModelBundle,
+        data_dir: Path,
+        image_root: Path,
+        accel: AccelConfig,
+        sharded: bool,
+    ) -> None:
+        self.cfg, self.dist, self.bundle = cfg, dist, bundle
+        self.data_dir, self.image_root = data_dir, image_root
+        self.accel, self.sharded = accel, sharded
+        self.test_sets: dict[str, TestSet] = {}
+
+    def test_set(self, task: str) -> TestSet:
+        """This rank's shard of `task`'s test records, prompts encoded (cached per task)."""
+        if task in self.test_sets:
+            return self.test_sets[task]
+        records = load_test_records(
+            self.data_dir / task / "test.json", self.image_root, skip_bad=self.cfg.skip_bad
+        )
+        if self.cfg.max_test_per_task is not None:
+            records = records[: self.cfg.max_test_per_task]
+        if not records:
+            raise ValueError(f"{self.data_dir / task / 'test.json'}: no test records")
+        shard = list(range(self.dist.rank, len(records), self.dist.world_size))
+        if self.sharded and not shard:
+            shard = [0]  # lockstep decoding needs a prompt on every rank; rank 0's answer is kept
+        bundle = self.bundle
+        prompts = [
+            encode_prompt(
+                records[i].text,
+                bundle.tokenizer,
+                image_token_id=bundle.image_token_id,
+                num_image_tokens=bundle.num_image_tokens,
+            )
+            for i in shard
+        ]
+        size = bundle.model.config.vision_config.image_size
+        cache = len(shard) * 3 * size * size * 4 <= PIXEL_CACHE_BYTES
+        pixels = (
+            [
+                image_to_pixel_values(load_image(records[i].image), bundle.image_processor)
+                for i in shard
+            ]
+            if cache
+            else None
+        )
+        self.test_sets[task] = TestSet(records, shard, prompts, pixels)
+        return self.test_sets[task]
+
+    def predictions(self, model: torch.nn.Module, eval_task: str) -> list[dict] | None:
+        """Greedy predictions of `model` on `eval_task` (rows in test-file order, rank 0)."""
+        test, bundle = self.test_set(eval_task), self.bundle
+        pixels = test.pixels
+        if pixels is None:
+            pixels = [
+                image_to_pixel_values(load_image(test.records[i].image), bundle.image_processor)
+                for i in test.shard
+            ]
+        outputs = greedy_generate(
+            model,
+            test.prompts,
+            pixels,
+            max_new_tokens=task_spec(eval_task).max_new_tokens,
+            eos_token_id=bundle.tokenizer.eos_token_id,
+            pad_token_id=bundle.tokenizer.pad_token_id,
+            banned_token_ids=[bundle.image_token_id],
+            batch_size=self.cfg.eval_batch_size,
+            device=self.dist.device,
+            progress=self.dist.is_main,
+            desc=f"eval {eval_task}",
+            autocast=lambda: autocast(self.accel, self.dist.device),
+            lockstep=self.sharded,
+        )
+        texts = [bundle.tokenizer.decode(o, skip_special_tokens=True).strip() for o in outputs]
+        gathered = gather_objects(list(zip(test.shard, texts)))
+        if not self.dist.is_main:
+            return None
+        by_index: dict[int, str] = {}
+        for part in gathered:  # in rank order: a padding rank's repeat never wins
+            for index, text in part:
+                by_index.setdefault(index, text)
+        return [
+            {
+                "question_id": rec.question_id,
+                "prediction": by_index[i],
+                "answer": rec.gold,
+            }
+            for i, rec in enumerate(test.records)
+        ]
