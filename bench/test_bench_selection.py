@@ -89,7 +89,10 @@ def test_selection(benchmark, shape: Shape, rank: int, side: str, device: str) -
     benchmark.extra_info.update(
         {
             **case_extra_info("selection", side, device, B, shape, rank, m, peak),
-            "impl": "dense torch.topk" if side == "vanilla" else "streaming radix select",
+            # select_key_elements' default backend ("auto"): the Triton kernels on CUDA
+            "impl": "dense torch.topk"
+            if side == "vanilla"
+            else ("Triton radix select" if device == "cuda" else "streaming radix select"),
             "mask_bytes": VANILLA_BYTES_PER_ENTRY * m if side == "vanilla" else key_elements.nbytes,
         }
     )

@@ -84,11 +84,18 @@ def _is_kernel(obj: object) -> bool:
 
 
 def _own_kernels(module) -> dict[str, object]:
-    """The Triton kernels defined (not merely imported) in `module`, by name."""
+    """The Triton kernels defined (not merely imported) in `module`, by name.
+
+    `@triton.jit` helpers that kernels call (inlined, never launched) are listed by the
+    module in `DEVICE_FUNCTIONS` (names) and are compiled as part of their callers.
+    """
+    helpers = set(getattr(module, "DEVICE_FUNCTIONS", ()))
     return {
         name: obj
         for name, obj in vars(module).items()
-        if _is_kernel(obj) and _python_function(obj).__module__ == module.__name__
+        if _is_kernel(obj)
+        and name not in helpers
+        and _python_function(obj).__module__ == module.__name__
     }
 
 

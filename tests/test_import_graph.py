@@ -30,6 +30,10 @@ DEFERRED_IMPORTS_ALLOWED = {
     ("sefe_fast.reglora.penalty", "load_triton_module"): (
         "Triton is optional (CUDA machines only): the kernels are imported on first use"
     ),
+    ("sefe_fast.reglora.selection", "_select_triton"): (
+        "Triton is optional (CUDA machines only): the selection kernels are imported on "
+        "first use of backend='triton'"
+    ),
     ("sefe_fast.kernel_report", "discover_kernel_modules"): (
         "discovery: the compile report walks the kernel package when it runs, so a new "
         "kernel module needs no edit there"

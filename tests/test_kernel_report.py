@@ -10,11 +10,21 @@ import pytest
 from sefe_fast import kernel_report
 from sefe_fast_kernels import reglora_penalty
 
-KERNELS = {"_reglora_fwd_kernel", "_reglora_grad_b_kernel", "_reglora_grad_a_kernel"}
+SELECTION_KERNELS = {"_radix_histogram_kernel", "_tile_count_kernel", "_compact_kernel"}
+KERNELS = {
+    "_reglora_fwd_kernel",
+    "_reglora_grad_b_kernel",
+    "_reglora_grad_a_kernel",
+    *SELECTION_KERNELS,
+}
 CONFIG_COUNTS = {
     "_reglora_fwd_kernel": len(reglora_penalty.FWD_CONFIGS_CUDA),
     "_reglora_grad_b_kernel": len(reglora_penalty.GRAD_B_CONFIGS_CUDA),
     "_reglora_grad_a_kernel": len(reglora_penalty.GRAD_A_CONFIGS_CUDA),
+    # one config; the histogram is reported at its 11-bit and its 10-bit level
+    "_radix_histogram_kernel": 2,
+    "_tile_count_kernel": 1,
+    "_compact_kernel": 1,
 }
 
 
@@ -35,6 +45,12 @@ def test_no_kernel_spills_and_register_counts_are_sane(report):
     for r in report:
         assert r.spill_bytes == 0, f"{r.kernel} {r.arch} {r.config} spills {r.spill_bytes} bytes"
         assert r.stack_bytes == 0, f"{r.kernel} {r.arch} {r.config} uses a stack frame"
+        if r.kernel in SELECTION_KERNELS:
+            # A 64×64 fp32 ΔW tile per program: more registers (≥ 3 programs of 4 warps
+            # per SM still fit) and the tl.dot operand tiles staged in shared memory.
+            assert 16 <= r.registers <= 168, f"{r.kernel} {r.arch}: {r.registers} regs"
+            assert 0 <= r.shared_bytes <= 48 * 1024, f"{r.kernel} {r.arch}: {r.shared_bytes} B"
+            continue
         assert 16 <= r.registers <= 128, f"{r.kernel} {r.arch} {r.config}: {r.registers} regs"
         # Only reduction scratch: a few KB, far below the 48 KB static limit.
         assert 0 <= r.shared_bytes <= 8192, f"{r.kernel} {r.arch}: {r.shared_bytes} B shared"

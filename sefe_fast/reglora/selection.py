@@ -17,16 +17,24 @@ by a two-level radix select over those bit patterns:
 
 Extra memory is a few tile-sized buffers (2 MiB tiles by default) plus the compact
 result, instead of the k×d product, its |·| and topk's workspace.
+
+`backend="triton"` runs the same radix select as Triton kernels
+(`sefe_fast_kernels.key_element_selection`): ΔW tiles recomputed in registers with
+`tl.dot`, three histogram levels, then per-(row, column block) counts, an exclusive scan
+and a compaction pass — no host synchronisation until the sorted positions are copied out
+once. Same tie rule; on a GPU its fp32 rounding of ΔW may differ from this path's in the
+last bit (see that module's rounding contract). `"auto"` picks it for CUDA tensors.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator
 
 import torch
 
 from sefe_fast.paper_defaults import MASK_RATIO
-from sefe_fast.reglora.key_elements import GapEncoder, KeyElements
+from sefe_fast.reglora.key_elements import GapEncoder, KeyElements, encode_sorted_linear
 from sefe_fast.reglora.validation import check_factors
 
 # Entries of ΔW computed at once (2 MiB of fp32): large enough that the per-op overhead (and
@@ -34,6 +42,9 @@ from sefe_fast.reglora.validation import check_factors
 DEFAULT_TILE_ELEMENTS = 1 << 19
 _HI_BINS = 1 << 15  # high 16 bits of a non-negative float (sign bit clear)
 _LO_BINS = 1 << 16
+
+SELECTION_BACKENDS = ("auto", "torch", "triton")
+TRITON_SELECTION_MODULE = "sefe_fast_kernels.key_element_selection"
 
 
 def num_selected(shape: tuple[int, int], ratio: float) -> int:
@@ -66,6 +77,17 @@ def _abs_bit_tiles(
         yield r0, tile.abs_().view(torch.int32).view(-1)
 
 
+def resolve_selection_backend(backend: str, device: torch.device) -> str:
+    """'auto' -> 'triton' on CUDA, 'torch' elsewhere; other names are checked and returned."""
+    if backend not in SELECTION_BACKENDS:
+        raise ValueError(
+            f"unknown selection backend {backend!r}; choose one of {SELECTION_BACKENDS}"
+        )
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
 @torch.no_grad()
 def select_key_elements(
     lora_B: torch.Tensor,
@@ -73,18 +95,25 @@ def select_key_elements(
     ratio: float = MASK_RATIO,
     *,
     tile_elements: int = DEFAULT_TILE_ELEMENTS,
+    backend: str = "auto",
 ) -> KeyElements:
-    """Positions of the int(ratio·k·d) largest |B·A| (fp32), streamed over row tiles.
+    """Positions of the int(ratio·k·d) largest |B·A| (fp32), never holding B·A.
 
-    lora_B: k×r, lora_A: r×d, any float dtype, any (common) device. The result equals the
-    `torch.topk` set of `select_key_elements_dense` up to swaps of entries tied at the
-    threshold (here broken by the lowest row-major index) or within rounding of it (tiles
-    may round differently from one large matmul). Deterministic for a given input.
+    lora_B: k×r, lora_A: r×d, any float dtype, any (common) device. backend: "torch"
+    (row tiles of `tile_elements` entries, this module), "triton" (the Triton kernels; CUDA,
+    or CPU under TRITON_INTERPRET=1) or "auto" (triton on CUDA, torch elsewhere). The
+    result equals the `torch.topk` set of `select_key_elements_dense` up to swaps of
+    entries tied at the threshold (here broken by the lowest row-major index) or within
+    rounding of it (tiles may round differently from one large matmul). Deterministic for
+    a given input and backend.
     """
     k, _, d = check_factors(lora_B, lora_A)
+    backend = resolve_selection_backend(backend, lora_B.device)
     m = num_selected((k, d), ratio)
     if m == 0:
         return KeyElements.empty((k, d))
+    if backend == "triton":
+        return _select_triton(lora_B, lora_A, m)
     lora_A32 = lora_A.float()
     tile_rows = max(1, int(tile_elements) // d)
     device = lora_B.device
@@ -122,3 +151,20 @@ def select_key_elements(
     if len(result) != m:  # cannot happen unless the tiles changed between passes
         raise RuntimeError(f"streaming selection collected {len(result)} entries, expected {m}")
     return result
+
+
+def _select_triton(lora_B: torch.Tensor, lora_A: torch.Tensor, m: int) -> KeyElements:
+    """The Triton radix select; one copy of the m sorted positions to the host."""
+    try:
+        kernels = importlib.import_module(TRITON_SELECTION_MODULE)
+    except ImportError as exc:
+        raise RuntimeError(
+            f"selection backend 'triton' needs {TRITON_SELECTION_MODULE}, which could not be "
+            f"imported: {exc}. Use backend='torch' instead."
+        ) from exc
+    shape = (int(lora_B.shape[0]), int(lora_A.shape[1]))
+    linear, placed = kernels.top_linear_indices(lora_B, lora_A, m)
+    if int(placed) != m:  # cannot happen unless ΔW's tiles rounded differently between passes
+        raise RuntimeError(f"Triton selection placed {int(placed)} entries, expected {m}")
+    linear = linear.cpu()
+    return KeyElements(shape, (encode_sorted_linear(linear, shape),))
