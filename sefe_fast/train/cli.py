@@ -15,7 +15,7 @@ from sefe_fast.tasks import COIN_TASKS
 from sefe_fast.train.presets import PRESETS, REQUIRES_MODEL_AND_DATA
 
 # Settings that do not change results (left out of the resume fingerprint).
-NOT_FINGERPRINTED = frozenset({"output_dir", "save_every", "log_every", "num_proc"})
+NOT_FINGERPRINTED = frozenset({"output_dir", "save_every", "log_every", "num_proc", "num_workers"})
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class RunConfig:
     skip_bad: bool
     num_proc: int
     stage0_steps: int | None
+    num_workers: int | None = None  # None: 0 on CPU, a few per rank on CUDA (train/feed.py)
 
     def fingerprinted(self) -> dict[str, Any]:
         """The settings that determine the results (what a resumed run must share)."""
@@ -139,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--minicoin-n-test", type=int, help="mini-CoIN test samples per task")
     g.add_argument("--skip-bad", action="store_true", default=None, help="skip bad records")
     g.add_argument("--num-proc", type=int, help="processes for tokenisation")
+    g.add_argument(
+        "--num-workers",
+        type=int,
+        help="DataLoader worker processes per rank that read and preprocess training images "
+        "(default: 0 on CPU, up to 4 on CUDA); the batches are the same for any value",
+    )
     g = p.add_argument_group("method")
     g.add_argument("--method", choices=sorted(METHODS))
     g.add_argument("--reg-lambda", type=float, help="λ of the RegLoRA penalty (paper: 2.5e3)")

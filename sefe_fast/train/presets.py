@@ -47,6 +47,7 @@ BASE: dict[str, Any] = {
     "fsdp": False,
     "skip_bad": False,
     "num_proc": 1,
+    "num_workers": None,  # DataLoader workers per rank; None: 0 on CPU, up to 4 on CUDA
     "stage0_steps": None,  # tiny model only: None = Stage0Config's (the shipped weights')
 }
 
