@@ -307,6 +307,7 @@ def _coin_tasks() -> dict[str, list[dict]]:
         sqa.append(_rec(f"sqa-txt{i}", "Which word would you find on a dictionary page with the guide words helium - hunt?\nA. hardly\nB. hotel\n" + SQA_BOX, "B", image=None))  # fmt: skip
         sqa.append(_rec(f"sqa-line{i}", "Question: Which of these states is farthest north?\nContext: N/A\nOptions: (A) West Virginia (B) Louisiana (C) Arizona (D) Oklahoma\n<image>", "The answer is A."))  # fmt: skip
         sqa.append(_rec(f"sqa-linetxt{i}", "Question: Which tense does the sentence use?\nContext: Mona will print her name.\nOptions: (A) future tense (B) present tense (C) past tense", "The answer is A.", image=None))  # fmt: skip
+    sqa.append(_rec("sqa-lea", "Question: Which is a compound sentence?\nContext: N/A\nOptions: (A) I like tea. (B) I like tea, and she likes coffee.", "A compound sentence joins two clauses. The answer is B.", image=None))  # fmt: skip
     tasks["ScienceQA"] = sqa
     textvqa = [("what is the brand of this camera?", "dakota"), ("what does the sign say?", "stop"), ("what number is on the jersey?", "23"), ("what brand is the phone?", "nokia"), ("what is written on the cup?", "starbucks"), ("what is the name of the street?", "main st")]  # fmt: skip
     tasks["TextVQA"] = [_rec(f"tv{i}", _short(q), a) for i, (q, a) in enumerate(textvqa * 2)]
@@ -395,6 +396,21 @@ def test_scienceqa_one_line_options_and_text_only_records_parse() -> None:
                 assert question.startswith("Context: Mona will print her name.")
             seen.add(fmt)
     assert {"short", "yes_no", "brief", "detailed"} <= seen
+    from sefe_fast.asd.records import parse_record
+
+    # A lecture/solution reply ending "The answer is B." names option B.
+    lea = next(r for r in records if r["id"] == "sqa-lea")
+    item = parse_record(lea, 0, "ScienceQA")
+    assert (item.own, item.answer, item.options) == (
+        "mcq",
+        "I like tea, and she likes coffee.",
+        ["I like tea."],
+    )
+    assert (item.context, item.question, item.has_image) == (
+        ["Context: N/A"],
+        "Which is a compound sentence?",
+        False,
+    )
 
 
 def _mcq_options(question: str) -> tuple[list[str], str]:

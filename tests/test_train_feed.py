@@ -192,3 +192,28 @@ def test_the_loader_leaves_the_global_rng_alone(dataset) -> None:
         before = torch.get_rng_state()
         _stream(dataset, _schedule(dataset), first=0, count=3, workers=workers)
         assert torch.equal(before, torch.get_rng_state())
+
+
+def test_workers_keep_no_pixel_cache(dataset) -> None:
+    """A worker's copy of the dataset caches no pixels (host memory × workers × ranks);
+    the training process's own cache is untouched."""
+    from sefe_fast.data.coin import CoinTrainDataset
+
+    class Probe(CoinTrainDataset):
+        def __getitem__(self, index):
+            item = super().__getitem__(index)
+            item["cached"] = torch.tensor(len(self._pixel_cache))
+            return item
+
+    probe = Probe(dataset.tokenized, dataset.image_processor)
+    collate = lambda items: torch.stack([item["cached"] for item in items])  # noqa: E731
+    schedule = _schedule(probe)
+    loader = micro_batch_loader(
+        probe, collate, schedule.micro_batch, first=0, count=6, num_workers=2, device=CPU, seed=0
+    )
+    assert all(int(batch.max()) == 0 for batch in loader)
+    assert probe.pixel_cache_bytes > 0
+    in_process = micro_batch_loader(
+        probe, collate, schedule.micro_batch, first=0, count=6, num_workers=0, device=CPU, seed=0
+    )
+    assert max(int(batch.max()) for batch in in_process) > 0  # the probe can see a cache

@@ -83,9 +83,11 @@ class AsdStats:
         """One line with the counts, then up to SUMMARY_REASONS reasons of each skip kind."""
         formats = ", ".join(f"{k}: {v}" for k, v in sorted(self.per_format.items()))
         sources = ", ".join(f"{k}: {v}" for k, v in sorted(self.explanation_sources.items()))
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.per_kind.items()))
         lines = [
             f"ASD: {self.n_converted}/{self.n_requested} requested records converted out of "
-            f"{self.n_records} ({self.n_eligible} single-question) [{formats}]; yes/no "
+            f"{self.n_records} ({self.n_eligible} single-question) [{formats}]; answer kinds "
+            f"[{kinds}]; yes/no "
             f"{self.n_yes} yes, {self.n_no} no; explanations [{sources}], "
             f"{self.n_rewriter_fallbacks} rewriter fallbacks; {self.n_unreadable} records "
             f"ASD could not read and {self.n_unconvertible} that did not fit their assigned "

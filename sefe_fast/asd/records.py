@@ -32,6 +32,8 @@ _OPTION_LINE = re.compile(r"^\(?([A-J])[.)]\s+(.+?)\s*$")
 _ONE_LINE_OPTIONS = re.compile(r"^(?:Options|Choices):\s*(\(A\).*)$")
 _ONE_LINE_SPLIT = re.compile(r"\(([A-J])\)\s*")
 _LEADING_LABEL = re.compile(r"^(?:Question|Q):\s*")
+# CoIN's ScienceQA converter can end a lecture/solution reply with "The answer is A."
+_TRAILING_ANSWER = re.compile(r"\bThe answer is \(?([A-J])\)?\.?\s*$")
 # Own format detected from the instruction's last line (longest suffixes first).
 _SUFFIX_FORMATS: tuple[tuple[str, str], ...] = (
     (GROUNDING_SUFFIX, "box"),
@@ -77,6 +79,14 @@ def record_label(record: Any, index: int) -> str:
     """`record 'ID' (index N)`, or `record at index N` for a record without an id."""
     ident = record.get("id") if isinstance(record, dict) else None
     return f"record {ident!r} (index {index})" if ident is not None else f"record at index {index}"
+
+
+def answer_letter(answer: str) -> str | None:
+    """The option letter an MCQ answer gives, also at the end of a longer reply, or None."""
+    letter = option_letter(answer)
+    if letter is None and (match := _TRAILING_ANSWER.search(answer)):
+        letter = match.group(1)
+    return letter
 
 
 def _split_suffix(text: str) -> tuple[str, str | None]:
@@ -152,7 +162,7 @@ def parse_record(record: Any, index: int, task: str | None) -> AsdItem | None:
     if own is None and is_box(answer):
         own = "box"
     lines, options = _options_of(body.splitlines())
-    if own is None and len(options) >= 2 and option_letter(answer) is not None:
+    if own is None and len(options) >= 2 and answer_letter(answer) is not None:
         own = "mcq"
     if own is None and task is not None:
         spec = task_spec(task)
@@ -175,7 +185,7 @@ def parse_record(record: Any, index: int, task: str | None) -> AsdItem | None:
         index, label, own, question, answer, has_image, context, hints, facts=facts, task=task
     )
     if own == "mcq":
-        letter = option_letter(answer)
+        letter = answer_letter(answer)
         if len(options) < 2:
             raise RecordProblem(f"{label}: no 'A. ...' or 'Options: (A) ...' options found")
         if letter not in options:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, get_worker_info
 
 # Workers per rank on CUDA when not set: enough to decode JPEGs for one GPU's micro-batches.
 DEFAULT_CUDA_WORKERS = 4
@@ -46,6 +46,15 @@ class MicroBatchSampler(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return self.count
+
+
+def _worker_without_pixel_cache(worker_id: int) -> None:
+    """Worker start-up: no in-memory pixel cache in a worker (`CoinTrainDataset` keeps up
+    to 1 GiB). Workers live for one task, in which an image is usually read once per
+    epoch; a cache per worker would multiply host memory by workers × ranks."""
+    dataset = get_worker_info().dataset
+    if hasattr(dataset, "pixel_cache_bytes"):
+        dataset.pixel_cache_bytes = 0
 
 
 def resolve_num_workers(num_workers: int | None, device: torch.device, world_size: int) -> int:
@@ -87,5 +96,6 @@ def micro_batch_loader(
         pin_memory=device.type == "cuda",
         prefetch_factor=prefetch_factor if workers else None,
         persistent_workers=False,
+        worker_init_fn=_worker_without_pixel_cache if workers else None,
         generator=torch.Generator().manual_seed(seed),
     )
