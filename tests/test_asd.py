@@ -355,7 +355,9 @@ def test_every_coin_task_converts_every_record_in_its_format(task: str) -> None:
     records = COIN_TASK_RECORDS[task]
     out, stats = convert_records(records, ratio=1.0, seed=0, task=task)
     assert stats.n_unreadable == 0, stats.unreadable_reasons
-    assert stats.n_converted + stats.n_unconvertible >= len(records) - 0
+    # ratio 1: every record is converted or counted, with its reason, as not fitting.
+    assert stats.n_converted + stats.n_unconvertible == len(records)
+    assert len(stats.unconvertible_reasons) == stats.n_unconvertible
     assert stats.n_converted >= len(records) - 2, stats.summary()
     counts = Counter(r["asd_format"] for r in out if "asd_format" in r)
     own = "mcq" if task == "ScienceQA" else "short"

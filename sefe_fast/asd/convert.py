@@ -124,8 +124,10 @@ class Converter:
         if item.facts and isinstance(item.facts.get(length), str):
             return item.facts[length], "scene"
         if self.rewriter is not None:
-            text = self.rewriter.explain(item.question, item.answer, length)
-            if text and has_format(length, text) and item.answer.lower() in text.lower():
+            # Grounding: the model describes the boxed object, the expression is its answer.
+            answer = item.question if item.kind == "box" else item.answer
+            text = self.rewriter.explain(explanation_question(item), answer, length)
+            if text and has_format(length, text) and answer.lower() in text.lower():
                 return text, "rewriter"
             self.stats.n_rewriter_fallbacks += 1
         return template_explanation(item, length, self.rng), "template"
