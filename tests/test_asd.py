@@ -499,6 +499,8 @@ def test_yes_no_questions_fit_the_question_and_are_balanced() -> None:
     ],
 )  # fmt: skip
 def test_yes_no_wording(task, question, answer, candidate, expected) -> None:
+    """SEFE asks an MLLM for one plausible wrong option and builds a two-way choice; here
+    the question is reworded around the candidate when its form allows, per answer kind."""
     import random
 
     from sefe_fast.asd.kinds import answer_kind
@@ -566,3 +568,32 @@ def test_grounding_explanations_describe_the_boxed_object() -> None:
         assert size in answer
         described += 1
     assert described >= 4
+
+
+@pytest.mark.parametrize(
+    ("question", "answer", "expected"),
+    [
+        ("What is the man holding in his hand?", "phone", "Is the man holding a phone in his hand?"),
+        ("What is the woman doing?", "surfing", "Is the woman surfing?"),
+        ("What is the building made of?", "brick", 'Is the building made of "brick"?'),  # not the verb "building"
+        ("What sport is being played?", "tennis", None),
+        ("Where is the cat?", "on the table", "Is the cat on the table?"),
+        ("What color are the flowers?", "yellow", "Are the flowers yellow?"),
+        ("How many giraffes are standing?", "3", "Are there exactly 3 giraffes standing?"),
+    ],
+)  # fmt: skip
+def test_yes_no_rephrasing_patterns(question: str, answer: str, expected: str | None) -> None:
+    """Each rewording rule on the question forms it is meant for, and none where it is not."""
+    import random
+
+    from sefe_fast.asd.kinds import answer_kind
+    from sefe_fast.asd.phrasing import yes_no_question
+    from sefe_fast.asd.records import parse_record
+
+    item = parse_record(_rec("p", _short(question), answer), 0, "VQAv2")
+    item.kind = answer_kind(item, "VQAv2")
+    asked = yes_no_question(item, answer, random.Random(0))
+    if expected is None:  # kept as is, with a follow-up about the candidate
+        assert asked.splitlines()[0] == question and answer in asked.splitlines()[1]
+    else:
+        assert asked == expected

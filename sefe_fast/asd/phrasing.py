@@ -62,7 +62,12 @@ _WHAT_COLOUR = re.compile(r"^what colou?rs? (is|are) (.+?)\??$", re.IGNORECASE)
 _HOW_MANY = re.compile(
     r"^how many (.+?) (?:are|is|were|can you see|do you see)( there)?(.*?)\??$", re.IGNORECASE
 )
-_WHAT_DOING = re.compile(r"^what (is|are) (.+?) (\w+ing)\b(.*?)\??$", re.IGNORECASE)
+# "What is the man holding (in his hand)?": after the -ing verb, nothing or a preposition
+# (so "What is the building made of?" is not read as the verb "building").
+_WHAT_DOING = re.compile(
+    r"^what (is|are) (.+?) (\w+ing)((?: (?:in|on|at|with|to|from|under|near|for)\b.*?)?)\??$",
+    re.IGNORECASE,
+)
 _WHAT_DOES_SAY = re.compile(r"^what does (.+?) say\??$", re.IGNORECASE)
 _WHAT_IS_THE = re.compile(r"^what (is|are) (the|this|that|these|those) (.+?)\??$", re.IGNORECASE)
 _WHERE = re.compile(r"^where (is|are) (.+?)\??$", re.IGNORECASE)
