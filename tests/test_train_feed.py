@@ -217,3 +217,15 @@ def test_workers_keep_no_pixel_cache(dataset) -> None:
         probe, collate, schedule.micro_batch, first=0, count=6, num_workers=0, device=CPU, seed=0
     )
     assert max(int(batch.max()) for batch in in_process) > 0  # the probe can see a cache
+
+
+def test_num_workers_flag_defaults_to_auto_and_does_not_change_the_fingerprint() -> None:
+    """`--num-workers` changes where batches are read, never which: a rerun with another
+    value resumes the same run."""
+    from sefe_fast.train.cli import parse_config
+
+    default = parse_config(["coin"])
+    assert default.num_workers is None  # 0 on CPU, up to 4 per rank on CUDA
+    two = parse_config(["coin", "--num-workers", "2"])
+    assert two.num_workers == 2
+    assert two.fingerprinted() == default.fingerprinted()
