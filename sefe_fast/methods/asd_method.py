@@ -2,7 +2,9 @@
 
 X % of each task's samples are rewritten into the four other answer styles (docs/reference.md
 §2, `sefe_fast.asd`). A CoIN-ASD file shipped beside the original (`train_x20.json` for
-X = 20) is used as is; otherwise the file is converted once into the run directory.
+X = 20) is used as is — the official CoIN-ASD files, written by an MLLM, are preferred over
+the rule-based converter; otherwise the file is converted once into the run directory
+(`work_dir/asd/<task>/train_x20.json`, reused on a rerun).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class AsdMixin(ContinualMethod):
             stats = convert_file(
                 train_json, out, ratio=self.config.asd_ratio, seed=self.config.seed, task=task
             )
-            log.info("ASD %s: %s", task, stats)
+            log.info("ASD %s: %s", task, stats.summary())
         return out
 
     def describe(self) -> dict[str, Any]:

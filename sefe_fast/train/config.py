@@ -256,6 +256,15 @@ class RunConfig:
     num_proc: int = setting(
         1, "processes for tokenisation", "data", fingerprinted=False, **AT_LEAST_ONE
     )
+    num_workers: int | None = setting(
+        None,
+        "DataLoader worker processes per rank that read and preprocess training images "
+        "(default: 0 on CPU, up to 4 on CUDA); the batches are the same for any value",
+        "data",
+        fingerprinted=False,
+        optional=True,
+        **NON_NEGATIVE,
+    )
     stage0_steps: int | None = setting(
         None,
         "tiny model: stage-0 caption steps, vision-tower steps capped at the same "
@@ -368,6 +377,8 @@ def validate(values: dict[str, Any]) -> list[str]:
 
 def subset(target: type, config: RunConfig, **derived: Any) -> Any:
     """A `target` dataclass filled from `config`'s fields of the same name, plus `derived`
-    (the values that are not settings, e.g. the per-stage seed)."""
-    names = [f.name for f in fields(target) if f.name not in derived]
+    (the values that are not settings, e.g. the per-stage seed). A `target` field that is
+    neither a setting nor derived keeps its own default (TypeError if it has none)."""
+    settable = {f.name for f in fields(RunConfig)}
+    names = [f.name for f in fields(target) if f.name not in derived and f.name in settable]
     return target(**{name: getattr(config, name) for name in names}, **derived)

@@ -11,6 +11,7 @@ restarts from its last in-task checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
@@ -71,6 +72,7 @@ from sefe_fast.train.distributed import (
     run_on_main_first,
     shutdown_distributed,
 )
+from sefe_fast.train.feed import resolve_num_workers
 from sefe_fast.train.loop import LoopConfig, train_task
 from sefe_fast.train.stage0 import load_or_pretrain_tiny
 from sefe_fast.train.stage_eval import StageEvaluator
@@ -221,6 +223,7 @@ class ContinualRun:
             max_steps=cfg.max_steps_for(task),
             seed=_stage_seed(cfg.seed, stage),
             share_prompt_prefix=not self.accel_info["gradient_checkpointing"] and not self.sharded,
+            num_workers=resolve_num_workers(cfg.num_workers, self.dist.device, self.dist.world_size),
         )
 
     def load_saved_stage(self, model: torch.nn.Module, stage: int, task: str):
@@ -276,7 +279,7 @@ class ContinualRun:
         result = train_task(
             peft_model,
             dataset,
-            lambda items: collate_train(items, pad),
+            functools.partial(collate_train, pad_token_id=pad),  # picklable for workers
             groups,
             self.loop_config(stage, task),
             dist,

@@ -47,6 +47,7 @@ from sefe_fast.train.distributed import (
     average_gradients,
     gather_objects,
 )
+from sefe_fast.train.feed import micro_batch_loader
 from sefe_fast.train.train_log import TrainLog
 
 # Test hook: the process exits abruptly (like a SIGKILL) after this many optimizer steps.
@@ -65,7 +66,8 @@ class LoopConfig:
     per_device_batch_size: samples per micro-batch per rank; grad_accum: micro-batches per
     optimizer step; epochs: passes over the data (fractions allowed) unless max_steps (optimizer
     steps) is set; warmup_ratio: share of the steps with linear warmup; max_grad_norm: clip
-    threshold (0 = off); log_every / save_every: in optimizer steps (save_every 0 = off).
+    threshold (0 = off); log_every / save_every: in optimizer steps (save_every 0 = off);
+    num_workers / prefetch_factor: DataLoader workers per rank and batches each keeps ready.
     """
 
     per_device_batch_size: int = 8
@@ -80,6 +82,8 @@ class LoopConfig:
     seed: int = 0
     share_prompt_prefix: bool = True
     group_by_length: bool = True
+    num_workers: int = 0
+    prefetch_factor: int = 2
 
 
 @dataclass
@@ -335,14 +339,24 @@ def train_task(
         train_model = DistributedDataParallel(model, device_ids=device_ids)
     model.train()
 
+    loader = micro_batch_loader(
+        dataset,
+        collate,
+        schedule.micro_batch,
+        first=start * cfg.grad_accum,
+        count=(n_steps - start) * cfg.grad_accum,
+        num_workers=cfg.num_workers,
+        device=dist.device,
+        seed=cfg.seed,
+        prefetch_factor=cfg.prefetch_factor,
+    )
+    batches = iter(loader)
+    non_blocking = dist.device.type == "cuda"  # pinned batches: the copy overlaps compute
     bar = tqdm(total=n_steps, initial=start, desc=desc, disable=not dist.is_main, unit="step")
     t_start, tokens_seen = time.perf_counter(), 0
     loss_value = penalty_value = tokens_per_s = 0.0
     for step in range(start, n_steps):
-        micro = [
-            collate([dataset[i] for i in schedule.micro_batch(step * cfg.grad_accum + j)])
-            for j in range(cfg.grad_accum)
-        ]
+        micro = [next(batches) for _ in range(cfg.grad_accum)]
         counts = torch.tensor(
             [
                 sum(count_label_tokens(b) for b in micro),
@@ -359,7 +373,7 @@ def train_task(
             last = j == len(micro) - 1
             no_sync = train_model.no_sync() if use_ddp and not last else contextlib.nullcontext()
             with no_sync, autocast(accel, dist.device):
-                batch = {k: v.to(dist.device) for k, v in batch.items()}
+                batch = {k: v.to(dist.device, non_blocking=non_blocking) for k, v in batch.items()}
                 # Sharded, every rank must run the same number of forwards: no prefix pass.
                 share = cfg.share_prompt_prefix and not sharded
                 prefix = shared_prefix_length(batch, image_token_id) if share else 0
