@@ -223,7 +223,9 @@ class ContinualRun:
             max_steps=cfg.max_steps_for(task),
             seed=_stage_seed(cfg.seed, stage),
             share_prompt_prefix=not self.accel_info["gradient_checkpointing"] and not self.sharded,
-            num_workers=resolve_num_workers(cfg.num_workers, self.dist.device, self.dist.world_size),
+            num_workers=resolve_num_workers(
+                cfg.num_workers, self.dist.device, self.dist.world_size
+            ),
         )
 
     def load_saved_stage(self, model: torch.nn.Module, stage: int, task: str):
