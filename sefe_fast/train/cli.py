@@ -55,7 +55,9 @@ class RunConfig:
     olora_lambda1: float
     olora_lambda2: float
     eval_batch_size: int
+    max_new_tokens: int | None
     max_test_per_task: int | None
+    textvqa_annotations: str | None
     minicoin_n_train: int | None
     minicoin_n_test: int | None
     save_every: int
@@ -135,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-root", help="folder image paths are relative to (default: --data)")
     g.add_argument("--tasks", type=_task_list, help="comma-separated task order (CoIN names)")
     g.add_argument("--max-test-per-task", type=int, help="evaluate on the first N test records")
+    g.add_argument(
+        "--textvqa-annotations",
+        help="TextVQA_0.5.1_val.json (ten human answers per question) for scoring real CoIN's "
+        "TextVQA (default: <data>/TextVQA/ or <image-root>/TextVQA/)",
+    )
     g.add_argument("--minicoin-n-train", type=int, help="mini-CoIN training samples per task")
     g.add_argument("--minicoin-n-test", type=int, help="mini-CoIN test samples per task")
     g.add_argument("--skip-bad", action="store_true", default=None, help="skip bad records")
@@ -174,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--per-device-batch-size", type=int, help="samples per micro-batch per rank")
     g.add_argument("--max-length", type=int, help="tokens per sample (after image expansion)")
     g.add_argument("--eval-batch-size", type=int, help="prompts per generation batch per rank")
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help="greedy decoding length in tokens, stopping at end of sequence (0 = each task's "
+        "own cap; the paper preset: 1024, as the official evaluation)",
+    )
     g.add_argument("--save-every", type=int, help="in-task checkpoint every N steps (0 = off)")
     g.add_argument("--log-every", type=int, help="log every N optimizer steps")
     g = p.add_argument_group("speed")
@@ -215,6 +228,10 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     values["task_steps"] = dict(values["task_steps"] or {})  # never the preset's own dict
     if args["task_steps"] is None and (args["max_steps"] is not None or args["epochs"] is not None):
         values["task_steps"] = {}  # a step count given on the command line is for every task
+    if values["max_new_tokens"] is not None and values["max_new_tokens"] < 0:
+        parser.error(
+            f"--max-new-tokens must be >= 0 (0 = each task's cap), got {values['max_new_tokens']}"
+        )
     needs_model = args["preset"] in REQUIRES_MODEL_AND_DATA
     if needs_model and values["model"] is None and values["llm"] is None:
         parser.error(f"--preset {args['preset']} needs --model (or --llm/--vision-tower)")

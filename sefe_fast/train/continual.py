@@ -38,7 +38,7 @@ from sefe_fast.model.lora import (
     save_adapter,
 )
 from sefe_fast.model.sharding import local_parameter_share, shard_model
-from sefe_fast.tasks import task_spec
+from sefe_fast.tasks import decode_length, evaluation_question
 from sefe_fast.train.checkpoint import (
     RunState,
     adapter_dir,
@@ -143,7 +143,12 @@ class ContinualRun:
                 for name in ("train.json", "test.json"):
                     if not (data / task / name).is_file():
                         raise FileNotFoundError(f"--data {data}: missing {task}/{name}")
-            return data, Path(cfg.image_root) if cfg.image_root else data
+            image_root = Path(cfg.image_root) if cfg.image_root else data
+            if "TextVQA" in cfg.tasks:  # fail before any training, naming the paths tried
+                from sefe_fast.data.textvqa import find_textvqa_annotations
+
+                find_textvqa_annotations(data, image_root, cfg.textvqa_annotations)
+            return data, image_root
         from sefe_fast.data.minicoin import generate_minicoin
 
         data = run_on_main_first(
@@ -299,7 +304,6 @@ class ContinualRun:
         if task in self.test_sets:
             return self.test_sets[task]
         from sefe_fast.data.coin import load_test_records
-        from sefe_fast.data.images import image_to_pixel_values, load_image
         from sefe_fast.generate import encode_prompt
 
         records = load_test_records(
@@ -309,46 +313,58 @@ class ContinualRun:
             records = records[: self.cfg.max_test_per_task]
         if not records:
             raise ValueError(f"{self.data_dir / task / 'test.json'}: no test records")
+        if task == "TextVQA" and self.cfg.data is not None:  # real CoIN: the ten human answers
+            from sefe_fast.data.textvqa import (
+                attach_human_answers,
+                find_textvqa_annotations,
+                load_textvqa_answers,
+            )
+
+            source = find_textvqa_annotations(
+                self.data_dir, self.image_root, self.cfg.textvqa_annotations
+            )
+            attach_human_answers(records, load_textvqa_answers(source), source)
         shard = list(range(self.ctx.rank, len(records), self.ctx.world_size))
         if self.sharded and not shard:
             shard = [0]  # lockstep decoding needs a prompt on every rank; rank 0's answer is kept
         b = self.bundle
         prompts = [
             encode_prompt(
-                records[i].text,
+                evaluation_question(task, records[i].text),
                 b.tokenizer,
                 image_token_id=b.image_token_id,
                 num_image_tokens=b.num_image_tokens,
+                has_image=records[i].image is not None,
             )
             for i in shard
         ]
         size = b.model.config.vision_config.image_size
         cache = len(shard) * 3 * size * size * 4 <= PIXEL_CACHE_BYTES
-        pixels = (
-            [image_to_pixel_values(load_image(records[i].image), b.image_processor) for i in shard]
-            if cache
-            else None
-        )
+        pixels = [self.test_pixels(records[i]) for i in shard] if cache else None
         self.test_sets[task] = TestSet(records, shard, prompts, pixels)
         return self.test_sets[task]
 
+    def test_pixels(self, record: Any) -> torch.Tensor | None:
+        """A test record's processed image [3, H, W]; None for a text-only question."""
+        from sefe_fast.data.images import image_to_pixel_values, load_image
+
+        if record.image is None:
+            return None
+        return image_to_pixel_values(load_image(record.image), self.bundle.image_processor)
+
     def evaluate(self, model: torch.nn.Module, stage: int, eval_task: str) -> list[dict] | None:
         """Greedy predictions of `model` on `eval_task` (rows in test-file order, rank 0)."""
-        from sefe_fast.data.images import image_to_pixel_values, load_image
         from sefe_fast.generate import greedy_generate
 
         test, b = self.test_set(eval_task), self.bundle
         pixels = test.pixels
         if pixels is None:
-            pixels = [
-                image_to_pixel_values(load_image(test.records[i].image), b.image_processor)
-                for i in test.shard
-            ]
+            pixels = [self.test_pixels(test.records[i]) for i in test.shard]
         outputs = greedy_generate(
             model,
             test.prompts,
             pixels,
-            max_new_tokens=task_spec(eval_task).max_new_tokens,
+            max_new_tokens=decode_length(eval_task, self.cfg.max_new_tokens),
             eos_token_id=b.tokenizer.eos_token_id,
             pad_token_id=b.tokenizer.pad_token_id,
             banned_token_ids=[b.image_token_id],
@@ -477,10 +493,10 @@ class ContinualRun:
 
     def print_summary(self, results: dict[str, Any]) -> None:
         """The accuracy matrix and the continual metrics, on stdout."""
-        from sefe_fast.evaluation import format_matrix
+        from sefe_fast.evaluation import format_matrix, format_metric
 
         print(f"\naccuracy (%), row = after training, column = task ({self.cfg.method}):")
         print(format_matrix(results["tasks"], results["accuracy"]))
         metrics = results["metrics"]
-        print("  ".join(f"{k} {metrics[k]:.2f}" for k in ("MFT", "MFN", "MAA", "BWT")))
+        print("  ".join(f"{k} {format_metric(metrics[k])}" for k in ("MFT", "MFN", "MAA", "BWT")))
         print(f"results: {self.run_dir / 'results.json'}", file=sys.stdout, flush=True)

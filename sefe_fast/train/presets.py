@@ -34,6 +34,13 @@ BASE: dict[str, Any] = {
     "max_steps": None,
     "task_steps": {},  # task name → optimizer steps, wins over max_steps for that task
     "max_test_per_task": None,
+    "textvqa_annotations": None,  # real CoIN: found in the TextVQA folder unless given
+    # Greedy decoding length; None = each task's own cap (sefe_fast.tasks: 8-32 tokens),
+    # which the tiny presets keep: mini-CoIN's answers are a few words, the shipped
+    # results (RESULTS.md) were measured with these caps and stay reproducible, and on the
+    # CPU a tiny model that never emits end-of-sequence would decode 1024 tokens per
+    # record, multiplying the evaluation time. The paper preset sets the official 1024.
+    "max_new_tokens": None,
     "minicoin_n_train": None,
     "minicoin_n_test": None,
     "eval_batch_size": 64,
@@ -108,6 +115,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "save_every": 500,
         "eval_batch_size": 32,
         "num_proc": 8,
+        # The official evaluation decodes greedily up to 1024 new tokens and stops at end
+        # of sequence; a shorter cap would hide the long, wrong-style replies superficial
+        # forgetting produces and cut what ImageNet's substring rule and ScienceQA's
+        # "The answer is X." rule read.
+        "max_new_tokens": 1024,
     },
 }
 
