@@ -177,7 +177,7 @@ def _grounding(root: Path) -> None:
             "image": _write_image(root, f"grd_train_{n}.png", 200 + n),
             "conversations": _conversation(f"{GROUNDING_SUFFIX} {phrase}", box, True),
         }
-        for n, (phrase, box) in enumerate(_GROUNDING_TRAIN)
+        for n, (phrase, box) in enumerate(_GROUNDING_TRAIN * 2)
     ]
     test = [
         {
@@ -196,6 +196,7 @@ def _grounding(root: Path) -> None:
 
 def _short_task(root: Path, task: str, seed: int) -> list[dict[str, Any]]:
     train_pairs, test_pairs = _SHORT[task]
+    train_pairs = train_pairs * 2  # four samples: one step of 2 x 2 on two ranks
     train = [
         {
             "id": f"{task}-train-{n}",

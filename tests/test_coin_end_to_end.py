@@ -50,12 +50,12 @@ def _env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
-def _torchrun(data, model, out, method):
+def _torchrun(data, model, out, method, *extra):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
         "--standalone", "-m", "sefe_fast.train", "coin",
         "--preset", "paper", "--model", str(model), "--data", str(data),
-        "--method", method, "--output-dir", str(out), *FAST,
+        "--method", method, "--output-dir", str(out), *FAST, *extra,
     ]  # fmt: skip
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
 
@@ -74,7 +74,7 @@ def _check_every_record_scored(data, out, counts):
             rows = read_predictions(predictions_path(out, stage, trained, task))
             # Every test record, text-only ScienceQA included, is scored once.
             assert len(rows) == len(test) == counts[task]
-            assert [r["question_id"] for r in rows] == [t["question_id"] for t in test]
+            assert [r["question_id"] for r in rows] == [str(t["question_id"]) for t in test]
             assert results["scores"][stage - 1][index]["n"] == len(test)
             if task == "TextVQA":  # the list it was scored against, not test.json's string
                 assert [r["answer"] for r in rows] == [human[str(t["question_id"])] for t in test]
@@ -135,9 +135,12 @@ def test_missing_textvqa_annotations_stop_the_run_before_training(real_coin, tmp
     (bare / "TextVQA").mkdir(parents=True)
     for name in ("train.json", "test.json"):
         (bare / "TextVQA" / name).write_text((data / "TextVQA" / name).read_text())
+    image_root = tmp_path / "image_root"  # the images, without the annotation file
+    image_root.mkdir()
+    (image_root / "images").symlink_to(data / "images")
     proc = subprocess.run(
         [sys.executable, "-m", "sefe_fast.train", "coin", "--preset", "paper",
-         "--model", str(model), "--data", str(bare), "--image-root", str(data),
+         "--model", str(model), "--data", str(bare), "--image-root", str(image_root),
          "--tasks", "TextVQA", "--output-dir", str(tmp_path / "run"), *FAST],
         env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -149,15 +152,17 @@ def test_missing_textvqa_annotations_stop_the_run_before_training(real_coin, tmp
 
 def test_one_task_run_reports_bwt_as_undefined(real_coin, tmp_path):
     """Issue 22 item 7: BWT needs an earlier task; a one-task run prints it as undefined,
-    exits 0 and still writes results.json (BWT null) and report.md."""
+    exits 0 and still writes results.json (BWT null) and report.md.
+
+    Two ranks, one sample each per step, six steps over ScienceQA's four samples (two
+    text-only): some step gives a rank only a text-only sample, and DDP must still see the
+    projector's gradient on that rank (without `vision_anchor` DDP stops at the step after:
+    "parameters that were not used in producing loss")."""
     data, model, _ = real_coin
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "sefe_fast.train", "coin", "--preset", "paper",
-         "--model", str(model), "--data", str(data), "--tasks", "ScienceQA",
-         "--method", "lora", "--output-dir", str(out), *FAST, "--per-device-batch-size", "4"],
-        env=_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    one_each = ["--tasks", "ScienceQA", "--max-steps", "6", "--global-batch-size", "2",
+                "--per-device-batch-size", "1"]  # fmt: skip
+    proc = _torchrun(data, model, out, "lora", *one_each)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "BWT undefined" in proc.stdout
     assert json.loads((out / "results.json").read_text())["metrics"]["BWT"] is None
