@@ -1,6 +1,6 @@
 """Per-record scoring of the eight CoIN tasks, and the superficial/essential split of errors.
 
-`score(task, prediction, answer)` follows CoIN's public scorers (REFERENCE.md §4) with
+`score(task, prediction, answer)` follows CoIN's public scorers (docs/reference.md §4) with
 their two bugs fixed; `legacy=True` gives the public behaviour back so numbers can be
 set beside published ones. Predictions are stripped of surrounding whitespace first in
 both modes (the public pipeline strips generated text before scoring).
@@ -16,7 +16,9 @@ Scoring rules (fixed mode; the legacy differences are marked *legacy*):
   (its "." is any character, so "The answer is B" at the very end is not read); anything
   else is a failed parse, wrong.
 - TextVQA: VQA soft accuracy (`sefe_fast.vqa_normalize.vqa_soft_accuracy`) over a list
-  of human answers; a single string answer is compared after VQA normalisation.
+  of human answers (real CoIN: the ten of TextVQA_0.5.1_val.json, attached by
+  `sefe_fast.data.textvqa`); a single string answer (mini-CoIN's) is compared after VQA
+  normalisation.
 - ImageNet: correct when the label is a substring of the prediction or the reverse
   (case-sensitive, as published); an empty prediction is wrong. *legacy*: an empty
   prediction is a substring of every label and counts as correct (the public bug).

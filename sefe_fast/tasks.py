@@ -18,7 +18,7 @@ GROUNDING_SUFFIX = (
     "as [x1, y1, x2, y2], normalised to the image, with two decimals."
 )
 
-# The five ASD answer styles (REFERENCE.md §2).
+# The five ASD answer styles (docs/reference.md §2).
 ANSWER_FORMATS: tuple[str, ...] = ("short", "yes_no", "mcq", "brief", "detailed")
 FORMAT_SUFFIX: dict[str, str] = {
     "short": SHORT_SUFFIX,

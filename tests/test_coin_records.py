@@ -268,3 +268,14 @@ def test_scienceqa_test_prompt_gets_the_mcq_line():
     # mini-CoIN's questions already end with the line: kept once (documented departure).
     assert evaluation_question("ScienceQA", f"{text}\n{MCQ_SUFFIX}") == f"{text}\n{MCQ_SUFFIX}"
     assert evaluation_question("GQA", "What color?") == "What color?"
+
+
+def test_minicoin_prompts_are_unchanged(tmp_path):
+    """The default run's prompts stay those its results were measured with: mini-CoIN's
+    ScienceQA questions already end with the MCQ line, so nothing is appended."""
+    from sefe_fast.data.minicoin import generate_minicoin
+
+    data = generate_minicoin(tmp_path, seed=0, n_train=1, n_test=12, n_stage0=1, progress=False)
+    for task in COIN_TASKS:
+        for record in json.loads((data / task / "test.json").read_text()):
+            assert evaluation_question(task, record["text"]) == record["text"]
