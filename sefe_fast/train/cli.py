@@ -16,6 +16,9 @@ from sefe_fast.train.presets import PRESETS, REQUIRES_MODEL_AND_DATA
 
 # Settings that do not change results (left out of the resume fingerprint).
 NOT_FINGERPRINTED = frozenset({"output_dir", "save_every", "log_every", "num_proc"})
+# Settings added after runs were already being resumed: left out of the fingerprint while
+# unset (None), so a run directory started before they existed still resumes.
+FINGERPRINTED_WHEN_SET = frozenset({"max_new_tokens", "textvqa_annotations"})
 
 
 @dataclass(frozen=True)
@@ -74,7 +77,11 @@ class RunConfig:
 
     def fingerprinted(self) -> dict[str, Any]:
         """The settings that determine the results (what a resumed run must share)."""
-        return {k: v for k, v in asdict(self).items() if k not in NOT_FINGERPRINTED}
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in NOT_FINGERPRINTED and not (k in FINGERPRINTED_WHEN_SET and v is None)
+        }
 
     def max_steps_for(self, task: str) -> int | None:
         """Optimizer steps for `task`: its `task_steps` entry, else `max_steps` (None: epochs)."""
