@@ -358,6 +358,11 @@ def _format_cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def format_metric(value: float | None) -> str:
+    """A metric in percent with two decimals, or "undefined" (BWT of a one-task run)."""
+    return "undefined" if value is None else f"{value:.2f}"
+
+
 def format_matrix(tasks: Sequence[str], accuracy: Sequence[Sequence[float | None]]) -> str:
     """The accuracy matrix as aligned text: one row per stage, one column per evaluated task."""
     width = max(8, *(len(t) for t in tasks)) + 1
@@ -376,7 +381,7 @@ def format_summary(result: Mapping[str, Any]) -> str:
     note = f" (partial run: {done} of {total} tasks)" if metrics["partial"] else ""
     lines.append(f"metrics over {done} tasks{note}, percent:")
     lines.append(
-        "  ".join(f"{key} {_format_cell(metrics[key])}" for key in ("MFT", "MFN", "MAA", "BWT"))
+        "  ".join(f"{key} {format_metric(metrics[key])}" for key in ("MFT", "MFN", "MAA", "BWT"))
     )
     breakdown = result["breakdown"]
     lines += ["", f"forgetting breakdown at stage {breakdown['final_stage']} (records):"]
@@ -388,7 +393,9 @@ def format_summary(result: Mapping[str, Any]) -> str:
     for name, counts in rows:
         lines.append(f"{name:<10} " + " ".join(f"{counts[key]:>6}" for key in BREAKDOWN_COUNTS))
     if result["legacy"]:
-        lines.append("(legacy scoring: the public CoIN scorers' behaviour, bugs included)")
+        lines.append(
+            "(legacy scoring: the public scorers behind the paper's numbers, bugs included)"
+        )
     return "\n".join(lines)
 
 
@@ -399,7 +406,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Rescore a run from its prediction files: accuracy matrix, metrics, forgetting.",
     )
     parser.add_argument("run_dir", type=Path, help="run directory holding predictions/")
-    parser.add_argument("--legacy", action="store_true", help="public CoIN scorers, bugs included")
+    parser.add_argument(
+        "--legacy",
+        action="store_true",
+        help="the public scorers behind the paper's numbers (SEFE's), bugs included",
+    )
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     args = parser.parse_args(argv)
     try:

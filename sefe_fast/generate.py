@@ -3,6 +3,10 @@
 Left padding keeps every prompt's last token in the last column, so one argmax over the
 last logits gives each row's next token; position ids count only real tokens, so a padded
 row sees exactly the positions it would see alone.
+
+Text-only prompts (ScienceQA questions without a picture) have no image tokens and no
+pixel values; a batch passes the images of the prompts that have one, in order (LLaVA fills
+the i-th run of image tokens with image i's features).
 """
 
 from __future__ import annotations
@@ -18,18 +22,27 @@ from sefe_fast.data.conversation import (
     build_generation_prompt,
     image_placeholder_id,
     with_image_placeholder,
+    without_image_placeholder,
 )
 
 
 def encode_prompt(
-    question: str, tokenizer: Any, *, image_token_id: int, num_image_tokens: int
+    question: str,
+    tokenizer: Any,
+    *,
+    image_token_id: int,
+    num_image_tokens: int,
+    has_image: bool = True,
 ) -> list[int]:
     """Token ids of the vicuna_v1 generation prompt for `question`, `<image>` expanded.
 
-    `<image>\\n` is put in front of the question when it has no placeholder (LLaVA's eval
-    prompt); the placeholder becomes `num_image_tokens` copies of `image_token_id`.
+    With an image, `<image>\\n` is put in front of the question when it has no placeholder
+    (LLaVA's eval prompt); the placeholder becomes `num_image_tokens` copies of
+    `image_token_id`. Without one (`has_image=False`), any `<image>` is removed from the
+    question and the rest stripped, as the official ScienceQA evaluation does.
     """
-    prompt = build_generation_prompt(with_image_placeholder(question))
+    text = with_image_placeholder(question) if has_image else without_image_placeholder(question)
+    prompt = build_generation_prompt(text)
     placeholder = image_placeholder_id(tokenizer)
     ids: list[int] = []
     for token in tokenizer(prompt)["input_ids"]:
@@ -59,22 +72,31 @@ def left_pad(
 def greedy_generate_batch(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
-    pixel_values: torch.Tensor,
+    pixel_values: torch.Tensor | None,
     *,
     max_new_tokens: int,
     eos_token_id: int,
     pad_token_id: int,
     banned_token_ids: Sequence[int] = (),
     lockstep: bool = False,
+    device: torch.device | str | None = None,
 ) -> list[list[int]]:
-    """Greedy continuation of each prompt (one image each), up to and excluding eos.
+    """Greedy continuation of each prompt, up to and excluding eos.
 
-    pixel_values: [B, 3, H, W] on the model's device. `banned_token_ids` are never chosen
-    (the image placeholder: a generated one could not be fed back). `lockstep`: keep
-    decoding until every rank's batch is done (a sharded model's forward is collective).
-    Returns the new token ids per prompt.
+    pixel_values: [N, 3, H, W] on the model's device, the images of the N prompts that
+    hold image tokens, in prompt order (None when no prompt has one; then `device` says
+    where to run). `banned_token_ids` are never chosen (the image placeholder: a generated
+    one could not be fed back). `lockstep`: keep decoding until every rank's batch is done
+    (a sharded model's forward is collective; a batch without images then still runs the
+    vision tower once on a blank image, as the other ranks do). Returns the new token ids
+    per prompt.
     """
-    device = pixel_values.device
+    if pixel_values is not None:
+        device = pixel_values.device
+    elif device is None:
+        raise ValueError("greedy_generate_batch: give `device` when no prompt has an image")
+    elif lockstep:
+        vision_anchor(model, device)
     input_ids, attention_mask = left_pad(prompts, pad_token_id)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -131,7 +153,7 @@ def _all_done(done: bool, lockstep: bool, device: torch.device) -> bool:
 def greedy_generate(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
-    pixel_values: Sequence[torch.Tensor] | torch.Tensor,
+    pixel_values: Sequence[torch.Tensor | None] | torch.Tensor,
     *,
     max_new_tokens: int,
     eos_token_id: int,
@@ -146,7 +168,7 @@ def greedy_generate(
 ) -> list[list[int]]:
     """Greedy-decode many prompts in batches of similar length; outputs in input order.
 
-    `pixel_values[i]` ([3, H, W]) is prompt i's image. `autocast` is an optional context
+    `pixel_values[i]` ([3, H, W]) is prompt i's image, None for a text-only prompt. `autocast` is an optional context
     manager factory (bf16 on CUDA); `banned_token_ids` are never generated. `lockstep`
     (a sharded model): every rank runs as many batches and decoding steps as the busiest
     one, repeating its first batch and dropping the outputs where it has run out; every
@@ -166,7 +188,8 @@ def greedy_generate(
         for b in tqdm(range(n_batches), desc=desc, unit="batch", disable=not progress, leave=False):
             padding = b >= len(starts)  # lockstep only: this rank is out of prompts
             rows = order[starts[0 if padding else b] :][:batch_size]
-            pixels = torch.stack([pixel_values[i] for i in rows]).to(device)
+            images = [pixel_values[i] for i in rows if pixel_values[i] is not None]
+            pixels = torch.stack(images).to(device) if images else None
             with autocast() if autocast is not None else contextlib.nullcontext():
                 outputs = greedy_generate_batch(
                     model,
@@ -177,6 +200,7 @@ def greedy_generate(
                     pad_token_id=pad_token_id,
                     banned_token_ids=banned_token_ids,
                     lockstep=lockstep,
+                    device=device,
                 )
             if padding:
                 continue
@@ -185,3 +209,22 @@ def greedy_generate(
     finally:
         model.train(was_training)
     return results
+
+
+def vision_anchor(model: torch.nn.Module, device: torch.device | str) -> torch.Tensor:
+    """0 times the image features of one blank image: a scalar zero that depends on the
+    vision tower and the projector.
+
+    A batch of text-only samples skips the vision path. Under DDP the projector then gets
+    no gradient on that rank, and under FSDP the sharded vision tower's collectives go out
+    of step with the other ranks; adding this zero keeps every rank on the same path
+    (the official LLaVA code does the same with an empty slice of image features).
+    """
+    size = model.config.vision_config.image_size
+    blank = torch.zeros((1, 3, size, size), device=device)
+    features = model.get_image_features(pixel_values=blank)
+    if not isinstance(features, torch.Tensor | list | tuple):  # a model output object
+        features = features.pooler_output
+    if isinstance(features, list | tuple):  # one tensor per image
+        features = torch.cat([f.reshape(-1) for f in features])
+    return 0.0 * features.float().sum()

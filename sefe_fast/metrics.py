@@ -7,8 +7,15 @@ and are ignored.
 - MFT = mean_i a[i][i]                       (mean fine-tuned accuracy)
 - MFN = mean_i a[T-1][i]                     (mean final accuracy)
 - MAA = mean_t ( mean_{i<=t} a[t][i] )       (mean average accuracy over stages)
-- BWT = mean_{i<T-1} ( a[T-1][i] - a[i][i] ) (backward transfer; None when T = 1,
+- BWT = (1/T) * sum_{i<T-1} ( a[T-1][i] - a[i][i] )
+                                             (backward transfer; None when T = 1,
                                               where no earlier task exists)
+
+BWT sums the T-1 differences of the earlier tasks but divides by T, as the paper's table
+is computed: then BWT = MFN - MFT exactly (the last task's own difference is zero), which
+every row of the paper's table satisfies (SEFE: 58.57 - 69.02 = -10.45; dividing by T-1
+would give -11.94). Versions of sefe_fast before this change divided by T-1
+(`bwt_over_earlier_tasks` keeps that figure for comparison with old reports).
 
 A run stopped after stage k < T leaves rows k..T-1 empty (all None): the metrics are
 then computed over the first k tasks as if T = k, and the result says so
@@ -95,7 +102,7 @@ def continual_metrics(accuracy: MatrixInput) -> dict[str, Any]:
     """MFT, MFN, MAA, BWT (percent, like the inputs) of a T x T accuracy matrix.
 
     Also returns `tasks_completed` (k stages used), `tasks_total` (T) and `partial`
-    (k < T). BWT is None when k = 1. Raises ValueError for ragged or non-square input,
+    (k < T). BWT (= MFN - MFT, divided by k as in the paper) is None when k = 1. Raises ValueError for ragged or non-square input,
     missing diagonal or lower-triangle entries, or non-numeric values.
     """
     accuracy = _as_rows(accuracy)
@@ -106,7 +113,8 @@ def continual_metrics(accuracy: MatrixInput) -> dict[str, Any]:
     mft = _mean([a[i][i] for i in range(k)])
     mfn = _mean(final)
     maa = _mean([_mean(a[t]) for t in range(k)])
-    bwt = _mean([final[i] - a[i][i] for i in range(k - 1)]) if k > 1 else None
+    # Sum over the k-1 earlier tasks divided by k (the paper's convention, see above).
+    bwt = sum(final[i] - a[i][i] for i in range(k - 1)) / k if k > 1 else None
     return {
         "MFT": mft,
         "MFN": mfn,
@@ -116,3 +124,17 @@ def continual_metrics(accuracy: MatrixInput) -> dict[str, Any]:
         "tasks_total": n_tasks,
         "partial": k < n_tasks,
     }
+
+
+def bwt_over_earlier_tasks(accuracy: MatrixInput) -> float | None:
+    """The BWT figure of sefe_fast before the paper's convention was adopted: the mean of
+    the k-1 differences a[k-1][i] - a[i][i] (divided by k-1, not k), in percent.
+
+    Equals `continual_metrics(accuracy)["BWT"] * k / (k - 1)`; None when k = 1. Kept only to
+    relate older reports (RESULTS.md history) to the current figure.
+    """
+    accuracy = _as_rows(accuracy)
+    k = completed_stages(accuracy)
+    if k == 1:
+        return None
+    return _mean([float(accuracy[k - 1][i]) - float(accuracy[i][i]) for i in range(k - 1)])

@@ -9,11 +9,16 @@ Scoring rules (fixed mode; the legacy differences are marked *legacy*):
 
 - ScienceQA: the option letter is read with `sefe_fast.asd.formats.option_letter`
   (a bare "B", "B.", "(B)", "B. text" or "The answer is B.") and compared with the gold
-  letter (the gold may itself be "B" or "B. text"). *legacy*: the public parse — the
-  text itself if it is one of A–E, else its first letter when it starts "X. ", else the
-  first one-character word, upper-cased.
+  letter (the gold may itself be "B" or "B. text"). *legacy*: the parse behind the
+  paper's numbers, SEFE's `eval_science_qa.py` — the text itself if it is one of A–E, else
+  its first letter when it is one of A–E followed by ". ", else the one capital letter
+  caught by the regular expression `The answer is ([A-Z]).` when it matches exactly once
+  (its "." is any character, so "The answer is B" at the very end is not read); anything
+  else is a failed parse, wrong.
 - TextVQA: VQA soft accuracy (`sefe_fast.vqa_normalize.vqa_soft_accuracy`) over a list
-  of human answers; a single string answer is compared after VQA normalisation.
+  of human answers (real CoIN: the ten of TextVQA_0.5.1_val.json, attached by
+  `sefe_fast.data.textvqa`); a single string answer (mini-CoIN's) is compared after VQA
+  normalisation.
 - ImageNet: correct when the label is a substring of the prediction or the reverse
   (case-sensitive, as published); an empty prediction is wrong. *legacy*: an empty
   prediction is a substring of every label and counts as correct (the public bug).
@@ -62,7 +67,8 @@ ErrorClass = Literal["correct", "superficial", "essential"]
 # Tasks whose gold may be a list of human answers scored with VQA soft accuracy.
 _SOFT_ACCURACY_TASKS = frozenset({"TextVQA", "VizWiz", "VQAv2"})
 _LEGACY_SQA_OPTIONS = ("A", "B", "C", "D", "E")
-_LEGACY_SQA_ONE_CHAR_WORD = re.compile(r"\b(\w)\b")
+# SEFE's eval_science_qa.py pattern, unescaped "." included.
+_LEGACY_SQA_THE_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 _BOX_BODY = re.compile(
     rf"^\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*,\s*({_NUMBER})\s*$"
@@ -98,8 +104,8 @@ def _legacy_sqa_letter(prediction: str) -> str | None:
         return prediction
     if len(prediction) >= 3 and prediction[0] in _LEGACY_SQA_OPTIONS and prediction[1:3] == ". ":
         return prediction[0]
-    found = _LEGACY_SQA_ONE_CHAR_WORD.findall(prediction)
-    return found[0].upper() if found else None
+    found = _LEGACY_SQA_THE_ANSWER_IS.findall(prediction)
+    return found[0] if len(found) == 1 else None
 
 
 def _score_scienceqa(prediction: str, answer: str, legacy: bool) -> float:

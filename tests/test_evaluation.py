@@ -73,7 +73,8 @@ def test_rescore_run_equals_hand_computed_matrix(tmp_path):
     assert metrics["MFT"] == pytest.approx((75 + 75 + 50) / 3)
     assert metrics["MFN"] == pytest.approx(50)
     assert metrics["MAA"] == pytest.approx((75 + 75 + 50) / 3)
-    assert metrics["BWT"] == pytest.approx(((50 - 75) + (50 - 75)) / 2)
+    # The two earlier tasks' differences over T = 3 tasks (= MFN - MFT).
+    assert metrics["BWT"] == pytest.approx(((50 - 75) + (50 - 75)) / 3)
     final_sqa = result["scores"][2][0]
     assert (final_sqa["n"], final_sqa["n_correct"]) == (4, 2)
     assert (final_sqa["n_superficial"], final_sqa["n_essential"]) == (1, 1)
@@ -181,7 +182,7 @@ def test_cli_prints_matrix_and_metrics(tmp_path, capsys):
     fabricate_run(tmp_path)
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "MFN 50.00" in out and "BWT -25.00" in out
+    assert "MFN 50.00" in out and "BWT -16.67" in out
     assert main([str(tmp_path), "--json"]) == 0
     parsed = json.loads(capsys.readouterr().out)
     assert parsed["accuracy"] == EXPECTED_MATRIX

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from sefe_fast.metrics import completed_stages, continual_metrics
+from sefe_fast.metrics import bwt_over_earlier_tasks, completed_stages, continual_metrics
 
 
 def test_two_by_two_by_hand():
@@ -13,7 +13,8 @@ def test_two_by_two_by_hand():
     assert m["MFT"] == pytest.approx((80 + 90) / 2)  # 85
     assert m["MFN"] == pytest.approx((60 + 90) / 2)  # 75
     assert m["MAA"] == pytest.approx((80 + (60 + 90) / 2) / 2)  # (80 + 75) / 2 = 77.5
-    assert m["BWT"] == pytest.approx(60 - 80)  # -20
+    # (1/T) * sum over the T-1 earlier tasks: (60 - 80) / 2 = -10 = MFN - MFT
+    assert m["BWT"] == pytest.approx((60 - 80) / 2)
     assert m["tasks_completed"] == 2
     assert m["partial"] is False
 
@@ -29,8 +30,10 @@ def test_three_by_three_with_none_above_diagonal():
     assert m["MFN"] == pytest.approx((50 + 60 + 100) / 3)  # 70
     # stage means: 90, 75, 70 -> 235 / 3
     assert m["MAA"] == pytest.approx(235 / 3)
-    # (50 - 90 + 60 - 80) / 2 = -30
-    assert m["BWT"] == pytest.approx(-30)
+    # (50 - 90 + 60 - 80) / 3 = -20 (divided by T = 3, not T - 1 = 2)
+    assert m["BWT"] == pytest.approx(-20)
+    assert m["BWT"] == pytest.approx(m["MFN"] - m["MFT"])
+    assert bwt_over_earlier_tasks(accuracy) == pytest.approx(-30)
 
 
 def test_values_above_the_diagonal_are_ignored():
@@ -52,13 +55,14 @@ def test_partial_run_uses_the_completed_stages():
     assert m["MFT"] == pytest.approx(85)
     assert m["MFN"] == pytest.approx(75)
     assert m["MAA"] == pytest.approx((90 + 75) / 2)
-    assert m["BWT"] == pytest.approx(-20)
+    assert m["BWT"] == pytest.approx(-20 / 2)  # over the k = 2 completed stages
 
 
 def test_one_stage_has_no_backward_transfer():
     m = continual_metrics([[42.0, None], [None, None]])
     assert m["MFT"] == m["MFN"] == m["MAA"] == 42.0
     assert m["BWT"] is None
+    assert bwt_over_earlier_tasks([[42.0]]) is None
     assert m["tasks_completed"] == 1
 
 
@@ -89,5 +93,27 @@ def test_numpy_matrix_is_accepted():
     import numpy as np
 
     m = continual_metrics(np.array([[80.0, 0.0], [60.0, 90.0]]))
-    assert m["BWT"] == pytest.approx(-20)
+    assert m["BWT"] == pytest.approx(-10)
     assert m["MAA"] == pytest.approx(77.5)
+
+
+def test_bwt_is_mfn_minus_mft_as_in_the_papers_table():
+    """Official rule (the SEFE paper's table, docs/reference.md §4-5): BWT sums the T-1
+    differences a[T][i] - a[i][i] of the earlier tasks and divides by T, so BWT = MFN - MFT
+    on every row (SEFE: 58.57 - 69.02 = -10.45; dividing by T-1 would give -11.94)."""
+    import random
+
+    rng = random.Random(0)
+    for n_tasks in (2, 3, 8):
+        accuracy = [
+            [rng.uniform(0, 100) if i <= t else None for i in range(n_tasks)]
+            for t in range(n_tasks)
+        ]
+        m = continual_metrics(accuracy)
+        assert m["BWT"] == pytest.approx(m["MFN"] - m["MFT"])
+        old = bwt_over_earlier_tasks(accuracy)
+        assert old == pytest.approx(m["BWT"] * n_tasks / (n_tasks - 1))
+    # The paper's SEFE row: MFT 69.02, MFN 58.57 over T = 8 tasks.
+    paper_sum = (58.57 - 69.02) * 8  # the sum of the 7 differences
+    assert paper_sum / 8 == pytest.approx(-10.45)
+    assert paper_sum / 7 == pytest.approx(-11.94, abs=0.005)

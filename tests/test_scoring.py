@@ -33,10 +33,28 @@ def test_scienceqa_gold_may_carry_option_text():
     assert score("ScienceQA", "C", "C. oxygen") == 1.0
 
 
-def test_scienceqa_legacy_parse_takes_the_first_one_letter_word():
-    # The public parse upper-cases the first one-character word; ours wants a letter answer.
-    assert score("ScienceQA", "b", "B", legacy=True) == 1.0
-    assert score("ScienceQA", "b", "B") == 0.0
+@pytest.mark.parametrize(
+    ("prediction", "legacy_score"),
+    [
+        ("B", 1.0),  # the text itself is one of A-E
+        ("B. Mercury is closest.", 1.0),  # "X. " at the start
+        ("The answer is B.", 1.0),  # the regular expression, matched once
+        ("Because of gravity. The answer is B!", 1.0),  # its "." matches any character
+        ("The answer is B", 0.0),  # ... but needs one: at the very end it fails
+        ("The answer is B. The answer is B.", 0.0),  # two matches: failed parse
+        ("b", 0.0),  # lower case is not an option
+        ("B.", 0.0),  # "B." is neither a bare letter nor "B. " with text
+        ("(B)", 0.0),
+        ("A", 0.0),
+    ],
+)
+def test_scienceqa_legacy_is_sefe_eval_science_qa(prediction, legacy_score):
+    """Official rule (SEFE's llava/eval/CoIN/eval_science_qa.py, behind the paper's numbers):
+    a reply that is exactly one of A-E is that letter; else a reply of 3+ characters whose
+    first is one of A-E and whose next two are ". " is its first letter; else the pattern
+    "The answer is ([A-Z])." (unescaped dot) must match exactly once and gives the letter;
+    anything else is FAILED and counts as wrong. The fixed mode also reads "B." and "(B)"."""
+    assert score("ScienceQA", prediction, "B", legacy=True) == legacy_score
 
 
 def test_scienceqa_bad_gold_is_an_error():

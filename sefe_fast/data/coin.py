@@ -5,11 +5,20 @@ format; ASD files such as `train_x20.json` have the same layout) and a `test.jso
 `{"question_id", "image", "text", "answer"}`; Grounding adds `answer_bbox` and `size`).
 Image paths are relative to a data root.
 
+Text-only records: ScienceQA has questions without a picture (about half of its test set).
+CoIN keeps them, in train and test, as records with no `image` key; the official LLaVA loader
+trains on them with no image tokens in the prompt, and the official ScienceQA evaluation
+scores them (docs/reference.md §4). Here a record whose `image` is absent or null is
+text-only: its conversation must hold no `<image>` placeholder, it gets no pixel values, and
+a batch may mix such records with image records (`collate_train` stacks only the images
+present; the LLaVA forward fills image features into image-token positions in order).
+
 What counts as a bad record (an error naming file, record id and problem, or with
 `skip_bad=True` a skip counted in `LoadStats`): not a JSON object; a missing or non-string
-`id`/`image`; conversations that do not alternate human/gpt turns starting with a human
-turn and ending with an answer; an empty answer; not exactly one `<image>` placeholder, or
-one outside the first human turn; a missing or unreadable image file. Samples longer than
+`id`; an `image` that is neither a non-empty string nor absent/null; conversations that do
+not alternate human/gpt turns starting with a human turn and ending with an answer; an empty
+answer; an image record without exactly one `<image>` placeholder, or with one outside the
+first human turn; a text-only record with a placeholder; a missing or unreadable image file. Samples longer than
 `max_length` tokens are truncated (counted); a sample with no answer token left after
 truncation is dropped (counted). Nothing is dropped silently.
 """
@@ -89,10 +98,11 @@ class LoadStats:
 
 @dataclass
 class TestRecord:
-    """One CoIN test question. `image` is the resolved path; `extra` holds the other fields."""
+    """One CoIN test question. `image` is the resolved path (None for a text-only question);
+    `extra` holds the other fields."""
 
     question_id: str
-    image: Path
+    image: Path | None
     text: str
     answer: str | list[str]
     extra: dict[str, Any] = field(default_factory=dict)
@@ -126,33 +136,60 @@ def _record_label(record: Any, index: int, key: str) -> str:
     return f"record {ident!r} (index {index})" if ident is not None else f"record at index {index}"
 
 
-def _check_train_record(record: Any, image_root: Path, verify_images: bool) -> tuple[str, Path]:
-    """Validate one train record; return (id, image path) or raise ValueError with the problem."""
+def _check_image_field(image: Any) -> None:
+    if not isinstance(image, str) or not image:
+        raise ValueError(
+            "'image' must be a non-empty string, or absent/null for a text-only record"
+        )
+
+
+def _record_image(record: dict[str, Any], image_root: Path, verify_images: bool) -> Path | None:
+    """The record's resolved image path, or None for a text-only record (no or null `image`)."""
+    image = record.get("image")
+    if image is None:
+        return None
+    _check_image_field(image)
+    image_path = image_root / image
+    if verify_images:
+        check_image_readable(image_path)
+    elif not image_path.is_file():
+        raise FileNotFoundError(f"image file not found: {image_path}")
+    return image_path
+
+
+def _check_train_record(
+    record: Any, image_root: Path, verify_images: bool
+) -> tuple[str, Path | None]:
+    """Validate one train record; return (id, image path or None if text-only) or raise
+    ValueError with the problem."""
     if not isinstance(record, dict):
         raise ValueError(f"not a JSON object ({type(record).__name__})")
-    for key in ("id", "image", "conversations"):
+    for key in ("id", "conversations"):
         if key not in record:
             raise ValueError(f"missing key {key!r}")
     if not isinstance(record["id"], str | int):
         raise ValueError(f"'id' must be a string, got {type(record['id']).__name__}")
-    if not isinstance(record["image"], str) or not record["image"]:
-        raise ValueError("'image' must be a non-empty string")
+    if record.get("image") is not None:
+        _check_image_field(record["image"])
     conversations = record["conversations"]
     check_conversation(conversations)
     for index, turn in enumerate(conversations):
         if turn["from"] == GPT_FROM and not turn["value"].strip():
             raise ValueError(f"empty answer in turn {index}")
     n_placeholders = sum(turn["value"].count(IMAGE_TOKEN) for turn in conversations)
-    if n_placeholders != 1:
-        raise ValueError(f"expected exactly one {IMAGE_TOKEN} placeholder, found {n_placeholders}")
-    if IMAGE_TOKEN not in conversations[0]["value"]:
-        raise ValueError(f"{IMAGE_TOKEN} must be in the first human turn")
-    image_path = image_root / record["image"]
-    if verify_images:
-        check_image_readable(image_path)
-    elif not image_path.is_file():
-        raise FileNotFoundError(f"image file not found: {image_path}")
-    return str(record["id"]), image_path
+    if record.get("image") is None:
+        if n_placeholders:
+            raise ValueError(
+                f"text-only record (no 'image') has {n_placeholders} {IMAGE_TOKEN} placeholder(s)"
+            )
+    else:
+        if n_placeholders != 1:
+            raise ValueError(
+                f"expected exactly one {IMAGE_TOKEN} placeholder, found {n_placeholders}"
+            )
+        if IMAGE_TOKEN not in conversations[0]["value"]:
+            raise ValueError(f"{IMAGE_TOKEN} must be in the first human turn")
+    return str(record["id"]), _record_image(record, image_root, verify_images)
 
 
 def _fail_or_skip(
@@ -212,7 +249,8 @@ def _cache_file(
 
 class CoinTrainDataset(TorchDataset):
     """Tokenised training samples; items are dicts of `input_ids`, `labels` (LongTensor [L])
-    and `pixel_values` (FloatTensor [3, H, W]), images processed on first use and cached."""
+    and `pixel_values` (FloatTensor [3, H, W], None for a text-only sample), images processed
+    on first use and cached."""
 
     def __init__(
         self,
@@ -245,12 +283,12 @@ class CoinTrainDataset(TorchDataset):
             self._cached_bytes += size
         return pixels
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | None]:
         row = self.tokenized[int(index)]
         return {
             "input_ids": torch.tensor(row["input_ids"], dtype=torch.long),
             "labels": torch.tensor(row["labels"], dtype=torch.long),
-            "pixel_values": self.pixel_values(row["image"]),
+            "pixel_values": self.pixel_values(row["image"]) if row["image"] else None,
         }
 
 
@@ -292,7 +330,7 @@ def load_train_dataset(
             _fail_or_skip(stats, skip_bad, source, _record_label(record, index, "id"), problem)
             continue
         columns["id"].append(record_id)
-        columns["image"].append(str(image_path))
+        columns["image"].append(str(image_path) if image_path is not None else "")
         # JSON text keeps the Arrow schema flat whatever extra keys the turns carry.
         columns["conversations"].append(json.dumps(record["conversations"]))
 
@@ -359,12 +397,15 @@ class _quiet_progress:
 
 
 def collate_train(
-    items: Sequence[dict[str, torch.Tensor]], pad_token_id: int
-) -> dict[str, torch.Tensor]:
+    items: Sequence[dict[str, torch.Tensor | None]], pad_token_id: int
+) -> dict[str, torch.Tensor | None]:
     """Right-pad a list of samples into a batch.
 
     Returns `input_ids` (padded with `pad_token_id`), `attention_mask` (1 on real tokens),
-    `labels` (padded with -100), all LongTensor [B, L_max], and `pixel_values` [B, 3, H, W].
+    `labels` (padded with -100), all LongTensor [B, L_max], and `pixel_values` [N, 3, H, W]:
+    the images of the N samples that have one, in batch order (None when N = 0: a batch of
+    text-only samples). LLaVA places image i's features at the i-th run of image tokens, so
+    text-only rows (no image tokens) need no placeholder image.
     """
     if not items:
         raise ValueError("collate_train got an empty batch")
@@ -378,7 +419,8 @@ def collate_train(
         input_ids[row, :length] = item["input_ids"]
         labels[row, :length] = item["labels"]
         attention_mask[row, :length] = 1
-    pixel_values = torch.stack([item["pixel_values"] for item in items])
+    images = [item["pixel_values"] for item in items if item.get("pixel_values") is not None]
+    pixel_values = torch.stack(images) if images else None  # type: ignore[arg-type]
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
@@ -391,13 +433,11 @@ def _check_test_record(record: Any, image_root: Path, verify_images: bool) -> Te
     """Validate one test record and build its TestRecord, or raise ValueError with the problem."""
     if not isinstance(record, dict):
         raise ValueError(f"not a JSON object ({type(record).__name__})")
-    for key in ("question_id", "image", "text", "answer"):
+    for key in ("question_id", "text", "answer"):
         if key not in record:
             raise ValueError(f"missing key {key!r}")
     if not isinstance(record["question_id"], str | int):
         raise ValueError("'question_id' must be a string or an integer")
-    if not isinstance(record["image"], str) or not record["image"]:
-        raise ValueError("'image' must be a non-empty string")
     if not isinstance(record["text"], str) or not record["text"].strip():
         raise ValueError("'text' must be a non-empty string")
     answer = record["answer"]
@@ -408,11 +448,7 @@ def _check_test_record(record: Any, image_root: Path, verify_images: bool) -> Te
         raise ValueError(f"'answer' must be a string, got {type(answer).__name__}")
     if "answer_bbox" in record and not isinstance(record["answer_bbox"], str | list):
         raise ValueError("'answer_bbox' must be a string '[x1, y1, x2, y2]' or a list")
-    image_path = image_root / record["image"]
-    if verify_images:
-        check_image_readable(image_path)
-    elif not image_path.is_file():
-        raise FileNotFoundError(f"image file not found: {image_path}")
+    image_path = _record_image(record, image_root, verify_images)
     extra = {k: v for k, v in record.items() if k not in ("question_id", "image", "text", "answer")}
     return TestRecord(str(record["question_id"]), image_path, record["text"], answer, extra)
 

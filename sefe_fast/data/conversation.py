@@ -53,6 +53,12 @@ def with_image_placeholder(text: str) -> str:
     return text if IMAGE_TOKEN in text else f"{IMAGE_TOKEN}\n{text}"
 
 
+def without_image_placeholder(text: str) -> str:
+    """`text` with every `<image>` removed and surrounding whitespace stripped (a text-only
+    question: the official ScienceQA evaluation does `text.replace('<image>', '').strip()`)."""
+    return text.replace(IMAGE_TOKEN, "").strip()
+
+
 def check_conversation(conversations: Any) -> None:
     """Raise ValueError naming the problem unless `conversations` alternates human/gpt turns.
 

@@ -61,7 +61,10 @@ class Setting:
     values, or a function returning them (read when used: e.g. methods registered later);
     `optional`: None is allowed (it means "off" or "the default of the data");
     `parse`: turns a flag's text into the value; `fingerprinted`: whether the value changes
-    results (what a resumed run must share); `in_presets`: whether a preset may set it.
+    results (what a resumed run must share); `fingerprinted_when_set`: a setting added after
+    runs were already being resumed, left out of the fingerprint while None so that a run
+    directory started before it existed still resumes; `in_presets`: whether a preset may
+    set it.
     """
 
     help: str
@@ -75,6 +78,7 @@ class Setting:
     parse: Any = None
     fingerprinted: bool = True
     in_presets: bool = True
+    fingerprinted_when_set: bool = False
 
     def allowed(self) -> tuple[Any, ...] | None:
         """The allowed values now (None: any value of the type)."""
@@ -215,6 +219,23 @@ class RunConfig:
         "method",
         **NON_NEGATIVE,
     )
+    max_new_tokens: int | None = setting(
+        None,
+        "greedy decoding length in tokens, stopping at end of sequence (None or 0 = each "
+        "task's own cap; the paper preset: 1024, as the official evaluation)",
+        "data",
+        optional=True,
+        fingerprinted_when_set=True,
+        **NON_NEGATIVE,
+    )
+    textvqa_annotations: str | None = setting(
+        None,
+        "TextVQA_0.5.1_val.json (ten human answers per question) for scoring real CoIN's "
+        "TextVQA (default: <data>/TextVQA/ or <image-root>/TextVQA/)",
+        "data",
+        optional=True,
+        fingerprinted_when_set=True,
+    )
     eval_batch_size: int = setting(
         64, "prompts per generation batch per rank", "training", **AT_LEAST_ONE
     )
@@ -276,7 +297,11 @@ class RunConfig:
 
     def fingerprinted(self) -> dict[str, Any]:
         """The settings that determine the results (what a resumed run must share)."""
-        return {k: v for k, v in asdict(self).items() if k not in NOT_FINGERPRINTED}
+        return {
+            k: v
+            for k, v in asdict(self).items()
+            if k not in NOT_FINGERPRINTED and not (k in FINGERPRINTED_WHEN_SET and v is None)
+        }
 
     def max_steps_for(self, task: str) -> int | None:
         """Optimizer steps for `task`: its `task_steps` entry, else `max_steps` (None: epochs)."""
@@ -300,6 +325,9 @@ def default_value(f: Field) -> Any:
 
 # Settings that do not change results (left out of the resume fingerprint).
 NOT_FINGERPRINTED = frozenset(name for name, (_, s) in settings().items() if not s.fingerprinted)
+FINGERPRINTED_WHEN_SET = frozenset(
+    name for name, (_, s) in settings().items() if s.fingerprinted_when_set
+)
 
 
 def flag(name: str) -> str:

@@ -27,7 +27,13 @@ import transformers
 import sefe_fast
 from sefe_fast.data.coin import collate_train, load_train_dataset
 from sefe_fast.data.minicoin import generate_minicoin
-from sefe_fast.evaluation import format_matrix, score_predictions, write_predictions
+from sefe_fast.data.textvqa import find_textvqa_annotations
+from sefe_fast.evaluation import (
+    format_matrix,
+    format_metric,
+    score_predictions,
+    write_predictions,
+)
 from sefe_fast.io_utils import atomic_write_json
 from sefe_fast.methods import ContinualMethod, MethodConfig, build_method
 from sefe_fast.metrics import continual_metrics
@@ -142,7 +148,10 @@ class ContinualRun:
                 for name in ("train.json", "test.json"):
                     if not (data / task / name).is_file():
                         raise FileNotFoundError(f"--data {data}: missing {task}/{name}")
-            return data, Path(cfg.image_root) if cfg.image_root else data
+            image_root = Path(cfg.image_root) if cfg.image_root else data
+            if "TextVQA" in cfg.tasks:  # fail before any training, naming the paths tried
+                find_textvqa_annotations(data, image_root, cfg.textvqa_annotations)
+            return data, image_root
         data = run_on_main_first(
             self.dist,
             generate_minicoin,
@@ -387,5 +396,5 @@ class ContinualRun:
         print(f"\naccuracy (%), row = after training, column = task ({self.cfg.method}):")
         print(format_matrix(results["tasks"], results["accuracy"]))
         metrics = results["metrics"]
-        print("  ".join(f"{k} {metrics[k]:.2f}" for k in ("MFT", "MFN", "MAA", "BWT")))
+        print("  ".join(f"{k} {format_metric(metrics[k])}" for k in ("MFT", "MFN", "MAA", "BWT")))
         print(f"results: {results_path(self.run_dir)}", file=sys.stdout, flush=True)

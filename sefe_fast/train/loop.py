@@ -38,6 +38,7 @@ from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
 from sefe_fast import paper_defaults as paper
+from sefe_fast.generate import vision_anchor
 from sefe_fast.model.accel import AccelConfig, autocast
 from sefe_fast.model.sharding import is_sharded
 from sefe_fast.train.checkpoint import capture_rng, restore_rng
@@ -255,7 +256,7 @@ def forward_with_shared_prefix(
     positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
     return train_model(
         input_ids=ids[:, prefix:],
-        pixel_values=batch["pixel_values"],
+        pixel_values=batch.get("pixel_values"),
         attention_mask=batch["attention_mask"],
         labels=batch["labels"][:, prefix:],
         past_key_values=cache,
@@ -373,12 +374,19 @@ def train_task(
             last = j == len(micro) - 1
             no_sync = train_model.no_sync() if use_ddp and not last else contextlib.nullcontext()
             with no_sync, autocast(accel, dist.device):
-                batch = {k: v.to(dist.device, non_blocking=non_blocking) for k, v in batch.items()}
+                batch = {
+                    k: None if v is None else v.to(dist.device, non_blocking=non_blocking)
+                    for k, v in batch.items()
+                }
                 # Sharded, every rank must run the same number of forwards: no prefix pass.
                 share = cfg.share_prompt_prefix and not sharded
                 prefix = shared_prefix_length(batch, image_token_id) if share else 0
                 out = forward_with_shared_prefix(model, train_model, batch, per_rank_items, prefix)
                 loss = out.loss
+                if batch.get("pixel_values") is None and (use_ddp or sharded):
+                    # Text-only micro-batch: keep the projector/vision tower in this rank's
+                    # graph so DDP's gradient buckets and FSDP's collectives stay in step.
+                    loss = loss + vision_anchor(model, dist.device)
                 if last and extra_loss is not None:
                     penalty = extra_loss(model, step)
                     if penalty is not None:

@@ -65,6 +65,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "save_every": 500,
         "eval_batch_size": 32,
         "num_proc": 8,
+        # The official evaluation decodes greedily up to 1024 new tokens and stops at end
+        # of sequence; a shorter cap would hide the long, wrong-style replies superficial
+        # forgetting produces and cut what ImageNet's substring rule and ScienceQA's
+        # "The answer is X." rule read. The tiny presets keep each task's own cap (8-32
+        # tokens): the shipped results were measured with them, and on the CPU a tiny model
+        # that never emits end-of-sequence would decode 1024 tokens per record.
+        "max_new_tokens": 1024,
     },
 }
 

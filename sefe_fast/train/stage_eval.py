@@ -17,10 +17,15 @@ import torch
 
 from sefe_fast.data.coin import load_test_records
 from sefe_fast.data.images import image_to_pixel_values, load_image
+from sefe_fast.data.textvqa import (
+    attach_human_answers,
+    find_textvqa_annotations,
+    load_textvqa_answers,
+)
 from sefe_fast.generate import encode_prompt, greedy_generate
 from sefe_fast.model.accel import AccelConfig, autocast
 from sefe_fast.model.build import ModelBundle
-from sefe_fast.tasks import task_spec
+from sefe_fast.tasks import decode_length, evaluation_question
 from sefe_fast.train.config import RunConfig
 from sefe_fast.train.distributed import DistContext, gather_objects
 
@@ -67,46 +72,48 @@ class StageEvaluator:
             records = records[: self.cfg.max_test_per_task]
         if not records:
             raise ValueError(f"{self.data_dir / task / 'test.json'}: no test records")
+        if task == "TextVQA" and self.cfg.data is not None:  # real CoIN: the ten human answers
+            source = find_textvqa_annotations(
+                self.data_dir, self.image_root, self.cfg.textvqa_annotations
+            )
+            attach_human_answers(records, load_textvqa_answers(source), source)
         shard = list(range(self.dist.rank, len(records), self.dist.world_size))
         if self.sharded and not shard:
             shard = [0]  # lockstep decoding needs a prompt on every rank; rank 0's answer is kept
         bundle = self.bundle
         prompts = [
             encode_prompt(
-                records[i].text,
+                evaluation_question(task, records[i].text),
                 bundle.tokenizer,
                 image_token_id=bundle.image_token_id,
                 num_image_tokens=bundle.num_image_tokens,
+                has_image=records[i].image is not None,
             )
             for i in shard
         ]
         size = bundle.model.config.vision_config.image_size
         cache = len(shard) * 3 * size * size * 4 <= PIXEL_CACHE_BYTES
-        pixels = (
-            [
-                image_to_pixel_values(load_image(records[i].image), bundle.image_processor)
-                for i in shard
-            ]
-            if cache
-            else None
-        )
+        pixels = [self.test_pixels(records[i]) for i in shard] if cache else None
         self.test_sets[task] = TestSet(records, shard, prompts, pixels)
         return self.test_sets[task]
+
+    def test_pixels(self, record: Any) -> torch.Tensor | None:
+        """A test record's processed image [3, H, W]; None for a text-only question."""
+        if record.image is None:
+            return None
+        return image_to_pixel_values(load_image(record.image), self.bundle.image_processor)
 
     def predictions(self, model: torch.nn.Module, eval_task: str) -> list[dict] | None:
         """Greedy predictions of `model` on `eval_task` (rows in test-file order, rank 0)."""
         test, bundle = self.test_set(eval_task), self.bundle
         pixels = test.pixels
         if pixels is None:
-            pixels = [
-                image_to_pixel_values(load_image(test.records[i].image), bundle.image_processor)
-                for i in test.shard
-            ]
+            pixels = [self.test_pixels(test.records[i]) for i in test.shard]
         outputs = greedy_generate(
             model,
             test.prompts,
             pixels,
-            max_new_tokens=task_spec(eval_task).max_new_tokens,
+            max_new_tokens=decode_length(eval_task, self.cfg.max_new_tokens),
             eos_token_id=bundle.tokenizer.eos_token_id,
             pad_token_id=bundle.tokenizer.pad_token_id,
             banned_token_ids=[bundle.image_token_id],
