@@ -306,14 +306,17 @@ def build_device_mask(
     device: torch.device | str = "cpu",
     gpu: str | None = None,
     stats: MaskStats | None = None,
+    bits: int | None = None,
 ) -> DeviceMask:
     """The DeviceMask of `key_elements` on `device`, built by streaming on the host.
 
     kernel: "tile" (a plane, bits from `choose_bits`), "gather" (bits 0: the whole plan) or
     "auto" (the roofline model's choice for `rank`, `factor_dtype` and `gpu`, a name from
     `sefe_fast.roofline.GPUS`; None: the model's default GPU). `stats`: a previous
-    `mask_statistics(key_elements)`, to skip that pass. Each part goes to `device` as soon
-    as it is built, so the host holds at most one part at a time.
+    `mask_statistics(key_elements)`, to skip that pass. `bits`: force a representation
+    (0, 1 or 4) instead of choosing one. Each part goes to `device` as soon as it is built,
+    so the host holds at most one part at a time. The extra plan's own n_total is set to
+    the mask's n_total, so the gather kernels' 1/n on it alone is already the mask's.
     """
     if not isinstance(key_elements, KeyElements):
         raise TypeError(f"expected KeyElements, got {type(key_elements).__name__}")
@@ -321,8 +324,12 @@ def build_device_mask(
     stats = mask_statistics(key_elements) if stats is None else stats
     if stats.shape != shape:
         raise ValueError(f"statistics are for a {stats.shape} matrix, key elements {shape}")
-    chosen = resolve_kernel(stats, kernel, rank, factor_dtype, gpu)
-    bits = choose_bits(stats, chosen)
+    if bits is None and stats.n_total == 0:
+        bits = 0  # nothing to hold: no plane, no list
+    if bits is None:
+        bits = choose_bits(stats, resolve_kernel(stats, kernel, rank, factor_dtype, gpu))
+    elif bits != 0:
+        _check_bits(bits)
     blocks = key_elements.unique_row_blocks
     plane = None if bits == 0 else build_plane(shape, blocks, bits, device)
     threshold = 0 if bits == 0 else PLANE_CAPS[bits]
@@ -351,3 +358,119 @@ def build_plane(shape: tuple[int, int], blocks, bits: int, device: torch.device 
         fields = torch.where(fields >= 1 << 31, fields - (1 << 32), fields).to(torch.int32)
         plane.index_add_(0, rows * width + torch.div(cols, per_word, rounding_mode="floor"), fields)
     return plane.reshape(k, width).to(device)
+
+
+@dataclass(frozen=True)
+class DeviceMaskGroup:
+    """The DeviceMasks of M same-shape matrices with one `bits`, as the grouped kernels read
+    them — the only device copy (nothing is kept per matrix besides this).
+
+    planes: M int32 planes (empty for bits = 0); inv_n: fp32 [M], 1/n_total of each whole
+    mask; n_total: per matrix; extra: one GroupedPositionPlan (kernels/reglora_penalty.py)
+    over the matrices `extra_members` (indices into the M) that have listed positions, its
+    offsets shifted per matrix and its inv_n the masks' 1/n_total; None when none has any.
+    """
+
+    shape: tuple[int, int]
+    bits: int
+    n_total: tuple[int, ...]
+    planes: tuple[torch.Tensor, ...]
+    inv_n: torch.Tensor
+    extra: object | None
+    extra_members: tuple[int, ...]
+
+    @property
+    def num_matrices(self) -> int:
+        """M, the matrices of the group."""
+        return len(self.n_total)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the group holds (planes, inv_n, the grouped extra plan's arrays)."""
+        held = [*self.planes, self.inv_n]
+        if self.extra is not None:
+            e = self.extra
+            held += [e.rows, e.cols, e.counts, e.row_ptr, e.col_order, e.col_ptr, e.inv_n]
+        return held
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the group holds."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def build_device_mask_group(
+    key_elements: list[KeyElements],
+    bits: int,
+    device: torch.device | str,
+    stats: list[MaskStats] | None = None,
+) -> DeviceMaskGroup:
+    """Build the masks of same-shape matrices with `bits` straight into their grouped device
+    form: each plane streamed and moved, each extra list streamed on the host (one matrix's
+    list at a time) and copied into preallocated grouped device arrays."""
+    from sefe_fast_kernels.reglora_penalty import GroupedPositionPlan
+
+    if not key_elements:
+        raise ValueError("build_device_mask_group needs at least one KeyElements")
+    shape = key_elements[0].shape
+    for index, ke in enumerate(key_elements):
+        if ke.shape != shape:
+            raise ValueError(f"matrix {index} has shape {ke.shape}, matrix 0 has {shape}")
+    stats = [mask_statistics(ke) for ke in key_elements] if stats is None else list(stats)
+    threshold = 0 if bits == 0 else PLANE_CAPS[bits]
+    n_total = tuple(s.n_total for s in stats)
+    inv_n = torch.tensor([1.0 / max(n, 1) for n in n_total], dtype=torch.float32)
+    planes = (
+        tuple(build_plane(shape, ke.unique_row_blocks, bits, device) for ke in key_elements)
+        if bits
+        else ()
+    )
+    members = tuple(i for i, s in enumerate(stats) if s.above[threshold])
+    extra = None
+    if members:
+        k, d = shape
+        sizes = [stats[i].above[threshold] for i in members]
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        total = starts[-1] + sizes[-1]
+        if total >= 2**31:
+            raise ValueError(f"{total} listed positions in one group overflow int32 offsets")
+        largest = max(stats[i].max_count for i in members) - threshold
+        rows = torch.empty(total, dtype=index_dtype(k), device=device)
+        cols = torch.empty(total, dtype=index_dtype(d), device=device)
+        counts = torch.empty(total, dtype=count_dtype(largest), device=device)
+        col_order = torch.empty(total, dtype=torch.int32, device=device)
+        row_ptr = torch.empty(len(members), k + 1, dtype=torch.int32, device=device)
+        col_ptr = torch.empty(len(members), d + 1, dtype=torch.int32, device=device)
+        for slot, (i, start, size) in enumerate(zip(members, starts, sizes)):
+            plan = plan_from_blocks(
+                shape, key_elements[i].unique_row_blocks, n_total[i], threshold, stats[i]
+            )
+            rows[start : start + size] = plan.rows.to(device)
+            cols[start : start + size] = plan.cols.to(device)
+            counts[start : start + size] = plan.counts.to(device=device, dtype=counts.dtype)
+            col_order[start : start + size] = (plan.col_order + start).to(device)
+            row_ptr[slot] = (plan.row_ptr + start).to(device)
+            col_ptr[slot] = (plan.col_ptr + start).to(device)
+            del plan
+        extra = GroupedPositionPlan(
+            shape=(k, d),
+            rows=rows,
+            cols=cols,
+            counts=counts,
+            row_ptr=row_ptr,
+            col_order=col_order,
+            col_ptr=col_ptr,
+            inv_n=inv_n[list(members)].to(device),
+            num_unique=tuple(sizes),
+            n_total=tuple(n_total[i] for i in members),
+        )
+    return DeviceMaskGroup(
+        shape=shape,
+        bits=bits,
+        n_total=n_total,
+        planes=planes,
+        inv_n=inv_n.to(device),
+        extra=extra,
+        extra_members=members,
+    )
