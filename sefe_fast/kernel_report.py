@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -103,7 +104,7 @@ def discover_kernel_modules() -> dict[str, object]:
     return modules
 
 
-def _signature(fn: JITFunction, args: dict[str, object], constexprs: dict[str, int]):
+def _signature(fn: JITFunction, args: dict[str, object], constexprs: dict[str, object]):
     """Signature, constexprs and attributes exactly as the JIT would derive them from args."""
     signature: dict[str, str] = {}
     constants: dict[str, object] = {}
@@ -170,9 +171,10 @@ def _ptxas_resources(ptx: str, arch: int, enable_fp_fusion: bool) -> tuple[int, 
 def compile_kernel(
     fn: JITFunction,
     args: dict[str, object],
-    constexprs: dict[str, int],
+    constexprs: dict[str, object],
     num_warps: int,
     arch: int,
+    num_stages: int | None = None,
 ) -> tuple[KernelResource, object]:
     """Compile one kernel variant for `sm_{arch}`; return its resources and triton's result.
 
@@ -184,6 +186,8 @@ def compile_kernel(
     signature, constants, attrs = _signature(fn, args, constexprs)
     # FP fusion on: the triton 3.9 default a JIT launch uses.
     options = {"num_warps": num_warps, "enable_fp_fusion": True}
+    if num_stages is not None:  # software-pipelining depth of a kernel's loops
+        options["num_stages"] = num_stages
     try:
         compiled = triton.compile(
             ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
@@ -204,6 +208,8 @@ def compile_kernel(
             f"triton's cubin uses {cubin_registers}: the re-run's flags no longer match triton's"
         )
     config = ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",num_warps={num_warps}"
+    if num_stages is not None:
+        config += f",num_stages={num_stages}"
     resource = KernelResource(
         kernel=fn.__name__,
         arch=f"sm_{arch}",
@@ -241,7 +247,8 @@ def collect_launches(dtype: str = "bf16") -> list:
     """The representative launches of every kernel module (each module's `aot_launches()`).
 
     Raises ValueError when a module defines a kernel that its `aot_launches()` omits, so a
-    new kernel cannot silently escape the report.
+    new kernel cannot silently escape the report. A `@triton.jit` helper that a covered
+    kernel calls (directly or through other helpers) is compiled into it and needs no entry.
     """
     import torch
 
@@ -253,11 +260,27 @@ def collect_launches(dtype: str = "bf16") -> list:
             raise ValueError(f"{module_name} defines Triton kernels but no aot_launches()")
         module_launches = launches_fn(dtype=torch_dtype)
         covered = {_python_function(launch.kernel) for launch in module_launches}
-        for name, obj in _own_kernels(module).items():
+        own = _own_kernels(module)
+        covered |= _called_helpers(own, covered)
+        for name, obj in own.items():
             if _python_function(obj) not in covered:
                 raise ValueError(f"{module_name}.{name} has no entry in aot_launches()")
         launches.extend(module_launches)
     return launches
+
+
+def _called_helpers(own: dict[str, object], covered: set) -> set:
+    """Python functions of the module's JIT functions reachable by calls from `covered`."""
+    reached: set = set()
+    sources = [inspect.getsource(fn) for fn in covered]
+    while sources:
+        source = sources.pop()
+        for name, obj in own.items():
+            fn = _python_function(obj)
+            if fn not in covered and fn not in reached and re.search(rf"\b{name}\(", source):
+                reached.add(fn)
+                sources.append(inspect.getsource(fn))
+    return reached
 
 
 def build_report(archs: tuple[int, ...] = ARCHS, dtype: str = "bf16") -> list[KernelResource]:
@@ -274,10 +297,14 @@ def build_report(archs: tuple[int, ...] = ARCHS, dtype: str = "bf16") -> list[Ke
     results: list[KernelResource] = []
     for launch in launches:
         fn = _jit_function(launch.kernel)
-        for kwargs, num_warps in launch.configs:
+        # A config is (constexpr kwargs, num_warps) or (constexpr kwargs, num_warps, num_stages).
+        for kwargs, num_warps, *stages in launch.configs:
             constexprs = {**launch.constexprs, **kwargs}
+            num_stages = stages[0] if stages else None
             for arch in archs:
-                resource, _ = compile_kernel(fn, launch.args, constexprs, num_warps, arch)
+                resource, _ = compile_kernel(
+                    fn, launch.args, constexprs, num_warps, arch, num_stages
+                )
                 results.append(resource)
     return results
 

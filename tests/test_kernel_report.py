@@ -8,14 +8,21 @@ import sys
 import pytest
 
 from sefe_fast import kernel_report
-from sefe_fast_kernels import reglora_penalty
+from sefe_fast_kernels import reglora_penalty, reglora_tile
 
-KERNELS = {"_reglora_fwd_kernel", "_reglora_grad_b_kernel", "_reglora_grad_a_kernel"}
 CONFIG_COUNTS = {
     "_reglora_fwd_kernel": len(reglora_penalty.FWD_CONFIGS_CUDA),
     "_reglora_grad_b_kernel": len(reglora_penalty.GRAD_B_CONFIGS_CUDA),
     "_reglora_grad_a_kernel": len(reglora_penalty.GRAD_A_CONFIGS_CUDA),
+    "_tile_fwd_kernel": len(reglora_tile.FWD_CONFIGS_CUDA),
+    "_tile_grad_b_kernel": len(reglora_tile.GRAD_CONFIGS_CUDA),
+    "_tile_grad_a_kernel": len(reglora_tile.GRAD_CONFIGS_CUDA),
 }
+KERNELS = set(CONFIG_COUNTS)
+TILE_KERNELS = {name for name in KERNELS if name.startswith("_tile")}
+# Shared memory one program may use on an A100 (opt-in maximum per block, bytes); the
+# H100 allows 227 KB.
+A100_MAX_SHARED = 163 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +42,13 @@ def test_no_kernel_spills_and_register_counts_are_sane(report):
     for r in report:
         assert r.spill_bytes == 0, f"{r.kernel} {r.arch} {r.config} spills {r.spill_bytes} bytes"
         assert r.stack_bytes == 0, f"{r.kernel} {r.arch} {r.config} uses a stack frame"
+        if r.kernel in TILE_KERNELS:
+            # Tensor-core tiles: accumulators in registers, pipelined operand tiles in
+            # shared memory, which must fit an A100.
+            assert 16 <= r.registers <= 255, f"{r.kernel} {r.arch} {r.config}: {r.registers}"
+            assert r.shared_bytes <= A100_MAX_SHARED, f"{r.kernel} {r.arch} {r.config}"
+            assert r.uses_wgmma == (r.arch == "sm_90"), f"{r.kernel} {r.arch}: wgmma"
+            continue
         assert 16 <= r.registers <= 128, f"{r.kernel} {r.arch} {r.config}: {r.registers} regs"
         # Only reduction scratch: a few KB, far below the 48 KB static limit.
         assert 0 <= r.shared_bytes <= 8192, f"{r.kernel} {r.arch}: {r.shared_bytes} B shared"
@@ -77,6 +91,18 @@ def test_a_kernel_missing_from_aot_launches_is_reported(monkeypatch):
     original = reglora_penalty.aot_launches
     monkeypatch.setattr(reglora_penalty, "aot_launches", lambda **kw: original(**kw)[:2])
     with pytest.raises(ValueError, match="_reglora_grad_a_kernel has no entry"):
+        kernel_report.collect_launches()
+
+
+def test_jit_helpers_need_no_entry_but_uncalled_kernels_do(monkeypatch):
+    # The tile kernels share @triton.jit helpers (_delta_tile, _decode_counts, ...) that are
+    # compiled into them; dropping a kernel must still be reported, helpers or not.
+    launches = kernel_report.collect_launches()
+    names = {kernel_report._python_function(launch.kernel).__name__ for launch in launches}
+    assert names >= TILE_KERNELS
+    original = reglora_tile.aot_launches
+    monkeypatch.setattr(reglora_tile, "aot_launches", lambda **kw: original(**kw)[1:])
+    with pytest.raises(ValueError, match="_tile_fwd_kernel has no entry"):
         kernel_report.collect_launches()
 
 

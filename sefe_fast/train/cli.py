@@ -144,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reg-lambda", type=float, help="λ of the RegLoRA penalty (paper: 2.5e3)")
     g.add_argument("--mask-ratio", type=float, help="key-element share M per matrix (0.02 = 2%%)")
     g.add_argument("--asd-ratio", type=float, help="ASD share X of each task's data (0.2 = 20%%)")
-    g.add_argument("--reg-backend", choices=["auto", "torch", "reference", "triton"])
+    g.add_argument(
+        "--reg-backend",
+        choices=["auto", "torch", "reference", "triton", "triton_tile", "triton_gather"],
+    )
     g.add_argument(
         "--olora-lambda1", type=float, help="λ1 of O-LoRA's orthogonality penalty (paper: 0.5)"
     )
