@@ -10,14 +10,14 @@ in kernels/reglora_tile.py's docstring.
 import pytest
 import torch
 
-from sefe_fast.reglora.device_mask import DeviceMask, build_device_mask, pack_counts
-from sefe_fast.reglora.key_elements import KeyElements
-from sefe_fast.reglora.penalty import (
-    MaskGroup,
-    penalty_device_mask,
-    penalty_mask_group,
-    reglora_penalty,
+from sefe_fast.reglora.device_mask import (
+    DeviceMask,
+    build_device_mask,
+    build_device_mask_group,
+    pack_counts,
 )
+from sefe_fast.reglora.key_elements import KeyElements
+from sefe_fast.reglora.penalty import penalty_device_mask, penalty_mask_group, reglora_penalty
 from sefe_fast.reglora.plan import PositionPlan
 from sefe_fast_kernels.reglora_tile import penalty_tile_grouped, words_per_row
 
@@ -261,28 +261,35 @@ def test_forced_representations_are_the_requested_ones():
     assert build_device_mask(ke, kernel="gather").bits == 0
 
 
-def test_mask_group_matches_per_matrix_masks():
-    # Mixed representations in one shape group: 1-bit, 4-bit, gather-only and empty.
+@pytest.mark.parametrize("bits", [0, 1, 4])
+def test_mask_group_matches_the_reference_per_matrix(bits):
+    # A (shape, bits) group with an empty matrix and lists on some matrices only.
     k, d, rank = 30, 50, 6
-    kes = [key_elements_with_duplicates(k, d, 2, 0.2, seed=30 + m) for m in range(3)]
-    masks = [mask_with_bits(kes[0], 1), mask_with_bits(kes[1], 4)]
-    masks.append(build_device_mask(kes[2], kernel="gather", device=DEVICE))
-    masks.append(DeviceMask((k, d), 0, 0, None, None))
-    group = MaskGroup.from_masks(masks)
-    pairs = [factors(k, d, rank, seed=40 + m) for m in range(4)]
+    kes = [key_elements_with_duplicates(k, d, 2, 0.2, seed=30 + m) for m in range(2)]
+    kes.insert(1, KeyElements.from_linear(torch.tensor([3, 3, 70, 700]), (k, d)))
+    group = build_device_mask_group(kes, bits, DEVICE)
+    pairs = [factors(k, d, rank, seed=40 + m) for m in range(3)]
     bs = [b.clone().requires_grad_() for b, _ in pairs]
     as_ = [a.clone().requires_grad_() for _, a in pairs]
     values = penalty_mask_group(bs, as_, group)
-    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0], device=DEVICE)
+    assert values.shape == (3,)
+    upstream = torch.tensor([1.0, -2.0, 0.5], device=DEVICE)
     (values * upstream).sum().backward()
     for m in range(3):
         ref_value, ref_grad_b, ref_grad_a = reference_of(kes[m], *pairs[m])
         assert_close(values[m].detach(), ref_value, VALUE_REL, f"matrix {m} value")
         assert_close(bs[m].grad, upstream[m].item() * ref_grad_b, GRAD_REL, f"matrix {m} B")
         assert_close(as_[m].grad, upstream[m].item() * ref_grad_a, GRAD_REL, f"matrix {m} A")
-    assert values[3].item() == 0.0
-    assert torch.count_nonzero(bs[3].grad).item() == 0
-    assert torch.count_nonzero(as_[3].grad).item() == 0
+
+
+def test_empty_device_mask_gives_zero_and_zero_gradients():
+    lora_b, lora_a = factors(12, 20, 4, seed=50)
+    mask = DeviceMask((12, 20), 0, 0, None, None)
+    value, grad_b, grad_a = penalty_and_grads(
+        lambda b, a: penalty_device_mask(b, a, mask), lora_b, lora_a
+    )
+    assert value.item() == 0.0
+    assert torch.count_nonzero(grad_b).item() == 0 and torch.count_nonzero(grad_a).item() == 0
 
 
 # --- CUDA: fp32 at every input precision and bf16 factors (skipped without a GPU) ---------

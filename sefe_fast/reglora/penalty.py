@@ -22,7 +22,8 @@ The value is a 0-dim fp32 tensor, differentiable in both factors. Backends:
 
 `reglora_penalty` builds the DeviceMask on every call (fine for one-off evaluations); to
 train, build the masks once per task and evaluate them with `penalty_device_mask` or, one
-launch per kernel for a whole shape group, `MaskGroup` + `penalty_mask_group`.
+launch per kernel for a whole (shape, bits) group, a `DeviceMaskGroup` with
+`penalty_mask_group`.
 
 Empty key elements give exactly 0 with zero gradients. Non-finite factors make the
 penalty non-finite (NaN or inf), as in the reference; the trainer stops on a non-finite
@@ -34,12 +35,12 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import ModuleType
 
 import torch
 
-from sefe_fast.reglora.device_mask import DeviceMask, build_device_mask
+from sefe_fast.reglora.device_mask import DeviceMask, DeviceMaskGroup, build_device_mask
 from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.reglora.plan import PositionPlan
 from sefe_fast.reglora.sparse_backend import DEFAULT_CHUNK, penalty_sparse
@@ -177,136 +178,76 @@ def penalty_device_mask(
             f"the DeviceMask is for a {tuple(mask.shape)} matrix but lora_B·lora_A is "
             f"{(lora_B.shape[0], lora_A.shape[1])}"
         )
-    return penalty_mask_group([lora_B], [lora_A], MaskGroup.from_masks([mask]), input_precision)[0]
+    if mask.n_total == 0:
+        return _zero_penalty(lora_B, lora_A)
+    group = _group_of_one(mask, lora_B.device)
+    return penalty_mask_group([lora_B], [lora_A], group, input_precision)[0]
 
 
-@dataclass(frozen=True)
-class _PlaneGroup:
-    """The matrices of a MaskGroup that share one plane width: one tile launch."""
-
-    bits: int
-    members: torch.Tensor  # int64 [m], indices into the group (device)
-    member_list: tuple[int, ...]
-    planes: tuple[torch.Tensor, ...]
-    inv_n: torch.Tensor  # fp32 [m], 1/n_total of each member's whole mask
-
-
-@dataclass(frozen=True)
-class MaskGroup:
-    """The DeviceMasks of M same-shape matrices, arranged for one launch per kernel.
-
-    planes: per plane width (1 or 4 bits) the members and references to their planes (no
-    copy); extra: the members with an extra list and ONE GroupedPositionPlan of their lists
-    (concatenated for M > 1: a copy, so keep the group and drop the masks' own lists), its
-    inv_n replaced by each member's 1/mask.n_total. Build once per task with `from_masks`.
-    """
-
-    shape: tuple[int, int]
-    num_matrices: int
-    planes: tuple[_PlaneGroup, ...]
-    extra_members: torch.Tensor | None  # int64 [e] (device)
-    extra_member_list: tuple[int, ...]
-    extra: object | None  # sefe_fast_kernels.reglora_penalty.GroupedPositionPlan
-
-    @classmethod
-    def from_masks(cls, masks: Sequence[DeviceMask]) -> MaskGroup:
-        """Group same-shape masks (all on one device); raises ValueError naming the mask."""
-        if not masks:
-            raise ValueError("MaskGroup.from_masks needs at least one mask")
-        shape = tuple(masks[0].shape)
-        # An empty mask holds no tensor: the group's device is the first one that does.
-        devices = [_mask_device(mask) for mask in masks]
-        device = next((dev for dev in devices if dev is not None), torch.device("cpu"))
-        for index, (mask, mask_device) in enumerate(zip(masks, devices)):
-            if tuple(mask.shape) != shape:
-                raise ValueError(f"mask {index} has shape {tuple(mask.shape)}, mask 0 {shape}")
-            if mask_device not in (None, device):
-                raise ValueError(f"mask {index} is on {mask_device}, an earlier mask on {device}")
-        planes = []
-        for bits in sorted({mask.bits for mask in masks} - {0}):
-            members = tuple(m for m, mask in enumerate(masks) if mask.bits == bits)
-            planes.append(
-                _PlaneGroup(
-                    bits=bits,
-                    members=torch.tensor(members, dtype=torch.int64, device=device),
-                    member_list=members,
-                    planes=tuple(masks[m].plane for m in members),
-                    inv_n=_inv_n(masks, members, device),
-                )
-            )
-        listed = tuple(
-            m for m, mask in enumerate(masks) if mask.extra is not None and mask.extra.num_unique
-        )
-        extra = extra_members = None
-        if listed:
-            grouped_cls = load_triton_module().GroupedPositionPlan
-            extra = replace(
-                grouped_cls.from_plans([masks[m].extra for m in listed]),
-                inv_n=_inv_n(masks, listed, device),
-            )
-            extra_members = torch.tensor(listed, dtype=torch.int64, device=device)
-        return cls(
-            shape=shape,
-            num_matrices=len(masks),
-            planes=tuple(planes),
-            extra_members=extra_members,
-            extra_member_list=listed,
-            extra=extra,
-        )
+def _group_of_one(mask: DeviceMask, device: torch.device) -> DeviceMaskGroup:
+    """A DeviceMaskGroup of one matrix holding the mask's own tensors (no copy)."""
+    inv_n = torch.full((1,), mask.inv_n_total, dtype=torch.float32, device=device)
+    extra = None
+    if mask.extra is not None and mask.extra.num_unique:
+        grouped = load_triton_module().GroupedPositionPlan.from_plans([mask.extra])
+        extra = replace(grouped, inv_n=inv_n)  # the whole mask's 1/n, not the list's own
+    return DeviceMaskGroup(
+        shape=tuple(mask.shape),
+        bits=mask.bits,
+        n_total=(mask.n_total,),
+        planes=() if mask.plane is None else (mask.plane,),
+        inv_n=inv_n,
+        extra=extra,
+        extra_members=() if extra is None else (0,),
+    )
 
 
-def _mask_device(mask: DeviceMask) -> torch.device | None:
-    if mask.plane is not None:
-        return mask.plane.device
-    return None if mask.extra is None else mask.extra.rows.device
+# (device, member indices) -> int64 index tensor: built once, so that a training step does
+# not copy a host list to the device (a copy from pageable memory waits for the stream).
+_MEMBER_INDEX: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
 
-def _inv_n(masks: Sequence[DeviceMask], members: Sequence[int], device) -> torch.Tensor:
-    values = [masks[m].inv_n_total for m in members]
-    return torch.tensor(values, dtype=torch.float32, device=device)
+def _member_index(members: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    key = (str(device), members)
+    index = _MEMBER_INDEX.get(key)
+    if index is None:
+        index = torch.tensor(members, dtype=torch.int64, device=device)
+        _MEMBER_INDEX[key] = index
+    return index
 
 
 def penalty_mask_group(
     lora_bs: Sequence[torch.Tensor],
     lora_as: Sequence[torch.Tensor],
-    group: MaskGroup,
+    group: DeviceMaskGroup,
     input_precision: str | None = None,
 ) -> torch.Tensor:
-    """Per-matrix penalties (fp32 [M]) of a shape group on its MaskGroup, differentiable in
-    every factor: one tile launch per plane width present and one gather launch for all
-    extra lists, each way. A matrix with neither plane nor list gives 0 (zero gradients)."""
+    """Per-matrix penalties (fp32 [M]) of the M same-shape matrices of a DeviceMaskGroup,
+    differentiable in every factor: one tile launch on the planes (bits > 0) and one gather
+    launch on the extra lists, each way, both scaled by each mask's 1/n_total."""
     if len(lora_bs) != group.num_matrices or len(lora_as) != group.num_matrices:
         raise ValueError(
             f"{len(lora_bs)} B and {len(lora_as)} A factors for a group of "
             f"{group.num_matrices} masks"
         )
-    device = lora_bs[0].device
-    total = torch.zeros(group.num_matrices, dtype=torch.float32, device=device)
-    covered = {m for part in group.planes for m in part.member_list}
-    covered.update(group.extra_member_list)
-    # Matrices with an empty mask: exactly 0 with exactly-zero gradients, like the others.
-    for m in sorted(set(range(group.num_matrices)) - covered):
-        total = total + _zero_penalty(lora_bs[m], lora_as[m]) * (
-            torch.arange(group.num_matrices, device=device) == m
-        )
-    if group.planes:
+    total = None
+    if group.bits:
         tile = load_triton_module(TILE_MODULE)
-        extra_args = {} if input_precision is None else {"input_precision": input_precision}
-        for part in group.planes:
-            values = tile.penalty_tile_grouped(
-                [lora_bs[m] for m in part.member_list],
-                [lora_as[m] for m in part.member_list],
-                part.planes,
-                part.bits,
-                part.inv_n,
-                **extra_args,
-            )
-            total = total.index_add(0, part.members, values)
-    if group.extra is not None:
-        values = load_triton_module().penalty_triton_grouped(
-            [lora_bs[m] for m in group.extra_member_list],
-            [lora_as[m] for m in group.extra_member_list],
-            group.extra,
+        options = {} if input_precision is None else {"input_precision": input_precision}
+        total = tile.penalty_tile_grouped(
+            lora_bs, lora_as, group.planes, group.bits, group.inv_n, **options
         )
-        total = total.index_add(0, group.extra_members, values)
+    if group.extra is not None:
+        members = tuple(group.extra_members)
+        listed = load_triton_module().penalty_triton_grouped(
+            [lora_bs[m] for m in members], [lora_as[m] for m in members], group.extra
+        )
+        if members == tuple(range(group.num_matrices)):
+            total = listed if total is None else total + listed
+        else:
+            if total is None:
+                total = torch.zeros(group.num_matrices, dtype=torch.float32, device=listed.device)
+            total = total.index_add(0, _member_index(members, listed.device), listed)
+    if total is None:  # neither planes nor lists: every mask is empty
+        total = torch.stack([_zero_penalty(b, a) for b, a in zip(lora_bs, lora_as)])
     return total
