@@ -25,6 +25,8 @@ For every number of prior tasks p = 0 … tasks-1 (training task p+1) it reports
   matrix per shape (built here on the CPU; the same tensors go to the GPU), times the
   number of matrices of that shape (every group tensor is per matrix). `gpu_representation`
   names the choice per shape: "gather", "tile1" (union bit plane + list) or "tile4".
+  gpu_resident_gather_bytes / gpu_resident_tile_bytes: the same with the representation
+  forced ("triton_gather": the whole plan; "triton_tile": a plane, 1 or 4 bits by size).
 - peak and saved-for-backward bytes of the regularizer's forward+backward, *measured* on
   this machine once per distinct shape and p: the peak from the profiler's memory events
   (tensor bytes allocated net of frees; the persistent gradient buffers, which training
@@ -91,6 +93,8 @@ ROW_KEYS = (
     "sefe_fast_mask_bytes",
     "sefe_fast_plan_bytes",
     "gpu_resident_bytes",
+    "gpu_resident_gather_bytes",
+    "gpu_resident_tile_bytes",
     "vanilla_peak_bytes",
     "sefe_fast_peak_bytes",
     "vanilla_saved_bytes",
@@ -290,17 +294,23 @@ class ShapeMeasurement:
     sefe_fast_plan_bytes: int
     gpu_resident_bytes: int
     gpu_representation: str
+    gpu_resident_gather_bytes: int
+    gpu_resident_tile_bytes: int
     vanilla: PenaltyMemory
     sefe_fast: PenaltyMemory
 
 
 def gpu_resident(
-    key_elements: KeyElements, rank: int, dtype: torch.dtype, gpu: str | None = None
+    key_elements: KeyElements,
+    rank: int,
+    dtype: torch.dtype,
+    gpu: str | None = None,
+    backend: str = "triton",
 ) -> tuple[int, str]:
-    """(bytes, representation) the triton backend keeps for one matrix: the real tensors of
-    the DeviceMaskGroup(s) `RegLoRA.device_groups` builds for it (on the CPU here)."""
-    reg = RegLoRA({"matrix": key_elements}, backend="triton")
-    groups = reg.device_groups("cpu", rank, dtype, "triton", gpu)
+    """(bytes, representation) a GPU backend keeps for one matrix: the real tensors of the
+    DeviceMaskGroup(s) `RegLoRA.device_groups` builds for it (on the CPU here)."""
+    reg = RegLoRA({"matrix": key_elements}, backend=backend)
+    groups = reg.device_groups("cpu", rank, dtype, backend, gpu)
     nbytes = sum(t.numel() * t.element_size() for _, g in groups for t in g.tensors())
     kinds = [("gather" if g.bits == 0 else f"tile{g.bits}") for _, g in groups]
     return nbytes, "+".join(kinds) or "empty"
@@ -357,6 +367,10 @@ def profile(
             bar.set_postfix_str(f"{k}x{d} measure {p} prior")
             plan = merged.plan()
             resident, representation = gpu_resident(merged, rank, dtype, gpu)
+            forced = {
+                b: gpu_resident(merged, rank, dtype, gpu, b)[0]
+                for b in ("triton_gather", "triton_tile")
+            }
             details.append(
                 ShapeMeasurement(
                     k=k,
@@ -369,6 +383,8 @@ def profile(
                     sefe_fast_plan_bytes=plan.nbytes,
                     gpu_resident_bytes=resident,
                     gpu_representation=representation,
+                    gpu_resident_gather_bytes=forced["triton_gather"],
+                    gpu_resident_tile_bytes=forced["triton_tile"],
                     vanilla=measure_penalty_memory(lora_B, lora_A, merged, "vanilla", dtype),
                     sefe_fast=measure_penalty_memory(lora_B, lora_A, merged, "sefe_fast", dtype),
                 )
@@ -391,6 +407,8 @@ def _row(spec: ModelSpec, ratio: float, p: int, measured: list[ShapeMeasurement]
         "sefe_fast_mask_bytes": total("sefe_fast_mask_bytes"),
         "sefe_fast_plan_bytes": total("sefe_fast_plan_bytes"),
         "gpu_resident_bytes": total("gpu_resident_bytes"),
+        "gpu_resident_gather_bytes": total("gpu_resident_gather_bytes"),
+        "gpu_resident_tile_bytes": total("gpu_resident_tile_bytes"),
         "gpu_representation": ",".join(f"{m.k}x{m.d}:{m.gpu_representation}" for m in measured),
         "vanilla_peak_bytes": aggregate_peak([(m.count, m.vanilla) for m in measured]),
         "sefe_fast_peak_bytes": aggregate_peak([(m.count, m.sefe_fast) for m in measured]),
