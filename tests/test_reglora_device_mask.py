@@ -230,3 +230,23 @@ def test_building_streams_instead_of_materialising_int64_arrays():
     peak_mask = peak_extra_rss_bytes(lambda: kept.append(build_device_mask(ke, bits=1)))
     assert peak_plan < kept[0].nbytes + old_floor / 2, (peak_plan, old_floor)
     assert peak_mask < kept[1].nbytes + old_floor / 2, (peak_mask, old_floor)
+
+
+def test_overlap_report_counts_multiply_chosen_entries(tmp_path):
+    from sefe_fast.reglora import save_key_elements
+    from sefe_fast.reglora.overlap import format_rows, overlap_rows
+
+    shape = (10, 20)
+    first = {"a": KeyElements.from_linear(torch.tensor([0, 1, 2, 3]), shape)}
+    second = {"a": KeyElements.from_linear(torch.tensor([2, 3, 4, 5]), shape)}
+    save_key_elements(first, tmp_path / "stage01_x.safetensors")
+    save_key_elements(second, tmp_path / "stage02_y.safetensors")
+    rows = overlap_rows(tmp_path)
+    assert [r["unique"] for r in rows] == [4, 6] and [r["multi"] for r in rows] == [0, 2]
+    assert rows[1]["multi_fraction"] == pytest.approx(2 / 200)
+    independent = 1 - 0.98**2 - 2 * 0.02 * 0.98
+    assert rows[1]["overlap"] == pytest.approx((2 / 200) / independent)
+    merged = merge_key_elements([first["a"], second["a"]])
+    assert rows[1]["bytes_gather"] == build_device_mask(merged, bits=0).nbytes
+    assert rows[1]["vanilla_bytes"] == 16 * 8
+    assert "| 2 |" in format_rows(rows)

@@ -71,16 +71,17 @@ def overlap_rows(directory: Path) -> list[dict]:
 def format_rows(rows: list[dict]) -> str:
     """Markdown table of `overlap_rows`."""
     lines = [
-        "| merged tasks | unique % (indep.) | chosen ≥ 2× % (indep.) | overlap | vanilla B "
+        "| merged tasks | unique % (indep.) | chosen ≥ 2× (indep. %) | overlap | vanilla B "
         "| gather B | tile 1-bit B | tile 4-bit B | chosen tile B |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        overlap = "-" if r["overlap"] is None else f"{r['overlap']:.2f}×"
+        overlap = "-" if r["overlap"] is None else f"{r['overlap']:.3f}×"
         lines.append(
             f"| {r['prior_tasks']} | {100 * r['unique_fraction']:.2f} "
             f"({100 * r['independent_unique_fraction']:.2f}) | "
-            f"{100 * r['multi_fraction']:.3f} ({100 * r['independent_multi_fraction']:.3f}) | "
+            f"{r['multi']:,} = {100 * r['multi_fraction']:.4f} % "
+            f"({100 * r['independent_multi_fraction']:.3f} %) | "
             f"{overlap} | {r['vanilla_bytes']:,} | {r['bytes_gather']:,} | "
             f"{r['bytes_tile1']:,} | {r['bytes_tile4']:,} | {r['bytes_tile']:,} |"
         )
