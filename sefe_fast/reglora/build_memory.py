@@ -1,6 +1,10 @@
 """Transient host memory of building a matrix's plan / DeviceMask, against one vanilla step.
 
     python -m sefe_fast.reglora.build_memory [--k 11008] [--d 4096] [--rank 128] [--tasks 7]
+        [--cases vanilla_step plan ...]
+
+(Before/after: copy this file into a checkout of an older commit and run it there with
+`--cases vanilla_step plan first_penalty`.)
 
 Each case runs in a fresh process (so no case reuses pages another left resident) on the
 merged key elements of `tasks` real selections (profile_memory's cached top-2 % masks of
@@ -30,7 +34,6 @@ def measure_case(case: str, k: int, d: int, rank: int, tasks: int) -> dict:
     """Run one case in this process: {"case", "peak_extra_rss_bytes", "kept_bytes"}."""
     from sefe_fast.profile_memory import default_cache_dir, task_selection
     from sefe_fast.reglora import merge_key_elements, reference_penalty_from_indices
-    from sefe_fast.reglora.device_mask import build_device_mask
     from sefe_fast.reglora.measure import peak_extra_rss_bytes, random_lora
     from sefe_fast.reglora.penalty import reglora_penalty
 
@@ -56,6 +59,7 @@ def measure_case(case: str, k: int, d: int, rank: int, tasks: int) -> dict:
         def run() -> None:
             reglora_penalty(lora_B, lora_A, merged, backend="torch").backward()
     elif case in MASK_BITS:
+        from sefe_fast.reglora.device_mask import build_device_mask
 
         def run() -> None:
             kept.append(build_device_mask(merged, bits=MASK_BITS[case]))
@@ -73,13 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=128)
     parser.add_argument("--tasks", type=int, default=7)
     parser.add_argument("--case", choices=CASES, default=None, help="run one case here")
+    parser.add_argument(
+        "--cases", nargs="+", choices=CASES, default=list(CASES), help="cases to run"
+    )
     args = parser.parse_args(argv)
     if args.case:
         print(json.dumps(measure_case(args.case, args.k, args.d, args.rank, args.tasks)))
         return 0
     print(f"{args.k}×{args.d}, r = {args.rank}, {args.tasks} tasks' 2 % masks (MiB):")
     print("| case | peak extra RSS | kept | transient |\n|---|---|---|---|")
-    for case in CASES:
+    for case in args.cases:
         command = [sys.executable, "-m", "sefe_fast.reglora.build_memory", "--case", case]
         command += ["--k", str(args.k), "--d", str(args.d), "--rank", str(args.rank)]
         command += ["--tasks", str(args.tasks)]
