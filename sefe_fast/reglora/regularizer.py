@@ -8,7 +8,6 @@ key elements are empty still count in N (they contribute 0), as in the official 
 
 from __future__ import annotations
 
-import importlib
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -24,9 +23,10 @@ from sefe_fast.reglora.device_mask import (
 )
 from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.reglora.penalty import (
+    MASK_KERNELS,
     _zero_penalty,
     check_key_elements,
-    load_triton_module,
+    penalty_mask_group,
     penalty_unchecked,
     resolve_backend,
 )
@@ -35,9 +35,8 @@ from sefe_fast.reglora.selection import select_key_elements
 from sefe_fast.reglora.validation import check_factors
 
 DEFAULT_LAMBDA = 2.5e3
-TILE_MODULE = "sefe_fast_kernels.reglora_tile"
 # GPU backends -> the DeviceMask kernel they ask for ("auto": the roofline model decides)
-GPU_KERNELS = {"triton": "auto", "triton_tile": "tile", "triton_gather": "gather"}
+GPU_KERNELS = MASK_KERNELS
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -189,26 +188,15 @@ class RegLoRA:
 
     def _grouped_triton(self, factors: Factors, backend: str) -> torch.Tensor:
         """Σ penalties: per (shape, bits) group one tile launch on the planes and one gather
-        launch on the extra lists, each with the masks' 1/n_total."""
+        launch on the extra lists (`penalty_mask_group`), each with the masks' 1/n_total."""
         lora_B = next(iter(factors.values()))[0]
         groups = self.device_groups(lora_B.device, lora_B.shape[1], lora_B.dtype, backend)
-        gather = load_triton_module()
-        parts = []
-        for names, group in groups:
-            bs = [factors[n][0] for n in names]
-            as_ = [factors[n][1] for n in names]
-            if group.bits:
-                tile = importlib.import_module(TILE_MODULE)
-                parts.append(
-                    tile.penalty_tile_grouped(bs, as_, group.planes, group.bits, group.inv_n).sum()
-                )
-            if group.extra is not None:
-                members = group.extra_members
-                parts.append(
-                    gather.penalty_triton_grouped(
-                        [bs[i] for i in members], [as_[i] for i in members], group.extra
-                    ).sum()
-                )
+        parts = [
+            penalty_mask_group(
+                [factors[n][0] for n in names], [factors[n][1] for n in names], group
+            ).sum()
+            for names, group in groups
+        ]
         # empty masks: exactly 0 with zero gradients, as on the other backends
         parts += [_zero_penalty(*factors[name]) for name in self._empty_names]
         return torch.stack(parts).sum()
