@@ -84,7 +84,7 @@ FWD_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
 GRAD_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
     ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
     ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3),
-    ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 2),
+    ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3),
 ]
 # Under TRITON_INTERPRET=1 each program costs about 1 ms of Python plus its numpy work:
 # few, large programs; multi-config autotune needs a GPU, so exactly one config.
@@ -142,17 +142,31 @@ def _delta_tile(
 
 
 @triton.jit
-def _decode_counts(plane_base, rows, cols, K, D, W, BITS: tl.constexpr):
-    """fp32 [rows, cols] counts of the packed plane (0 outside the matrix)."""
+def _decode_counts(
+    plane_base, rows, col0, K, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr
+):
+    """fp32 [BLOCK_M, BLOCK_N] counts of the packed plane at (rows, col0 + 0..BLOCK_N).
+
+    Loads the tile's BLOCK_N / E words per row once (contiguous, not one load per count)
+    and expands each to its E fields. Columns ≥ d of the tile decode whatever the last
+    word holds there (0 by the DeviceMask contract); ΔW is 0 there anyway (A's loads are
+    masked), so they add nothing to the value or the gradients.
+    """
     PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_N // PER_WORD
+    tl.static_assert(BLOCK_N % PER_WORD == 0, "BLOCK_N must hold whole plane words")
+    word_cols = col0 // PER_WORD + tl.arange(0, WORDS)
     words = tl.load(
-        plane_base + rows[:, None] * W + (cols // PER_WORD)[None, :],
-        mask=(rows < K)[:, None] & (cols < D)[None, :],
+        plane_base + rows[:, None] * W + word_cols[None, :],
+        mask=(rows < K)[:, None] & (word_cols < W)[None, :],
         other=0,
     )
-    shift = (cols % PER_WORD) * BITS
+    fields = tl.reshape(
+        tl.broadcast_to(words[:, :, None], [BLOCK_M, WORDS, PER_WORD]), [BLOCK_M, BLOCK_N]
+    )
+    shift = (tl.arange(0, BLOCK_N) % PER_WORD) * BITS
     # Mask after the shift: the sign of the int32 word (arithmetic shift) does not matter.
-    return ((words >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+    return ((fields >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
 
 
 @triton.jit
@@ -201,7 +215,7 @@ def _tile_fwd_kernel(
     delta = _delta_tile(
         b_base, a_base, rows, cols, K, D, R, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION
     )
-    counts = _decode_counts(plane_base, rows, cols, K, D, W, BITS)
+    counts = _decode_counts(plane_base, rows, pid_n * BLOCK_N, K, W, BLOCK_M, BLOCK_N, BITS)
     partial = tl.sum(tl.sum(counts * tl.abs(delta), axis=1), axis=0)
     tl.store(partial_ptr + m * n_slots + pid_m * tl.num_programs(1) + pid_n, partial)
 
@@ -250,7 +264,8 @@ def _tile_grad_b_kernel(
         delta = _delta_tile(
             b_base, a_base, rows, cols, K, D, R, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION
         )
-        s = _signed_counts(delta, _decode_counts(plane_base, rows, cols, K, D, W, BITS))
+        counts = _decode_counts(plane_base, rows, n0, K, W, BLOCK_M, BLOCK_N, BITS)
+        s = _signed_counts(delta, counts)
         a_out = tl.load(
             a_base + out_ranks[:, None] * D + cols[None, :],
             mask=(out_ranks < R)[:, None] & (cols < D)[None, :],
@@ -303,7 +318,8 @@ def _tile_grad_a_kernel(
         delta = _delta_tile(
             b_base, a_base, rows, cols, K, D, R, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION
         )
-        s = _signed_counts(delta, _decode_counts(plane_base, rows, cols, K, D, W, BITS))
+        counts = _decode_counts(plane_base, rows, pid_n * BLOCK_N, K, W, BLOCK_M, BLOCK_N, BITS)
+        s = _signed_counts(delta, counts)
         b_out = tl.load(
             b_base + rows[:, None] * R + out_ranks[None, :],
             mask=(rows < K)[:, None] & (out_ranks < R)[None, :],
