@@ -14,10 +14,11 @@ same inv_n) and g the upstream gradient:
     ∂/∂B    = S · Aᵀ   (k×r)          ∂/∂A = Bᵀ · S   (r×d)
 
 ΔW is never stored. Every kernel forms its BLOCK_M × BLOCK_N tile of ΔW on tensor cores with
-`tl.dot(B_blk, A_blk)` over the rank in fp32 accumulation (rank chunks of BLOCK_R ≤ 128;
-the rank is padded to BLOCK_R ≥ 16 by masked zero loads, since tl.dot needs K ≥ 16, so
-every rank from 1 up works), decodes the tile's counts from the plane by shifts, uses the
-tile and drops it:
+`tl.dot(B_blk, A_blk)` over the rank in fp32 accumulation, in rank steps of BLOCK_K (the
+rank is padded to a multiple of BLOCK_K ≥ 16 by masked zero loads, since tl.dot needs
+K ≥ 16, so every rank from 1 up works), decodes the tile's counts from one contiguous load
+of the plane words it covers by shifts, uses the tile and drops it. The gradient kernels'
+outputs are split in rank chunks of BLOCK_R ≤ 128:
 
 - `_tile_fwd_kernel`, grid (row blocks, column blocks, matrices): one fp32 partial
   Σ c·|ΔW| per program; torch sums the partials in a fixed order (deterministic, no
@@ -43,10 +44,10 @@ Input precision (fp32 factors, what PEFT keeps under bf16 autocast): the launche
 mantissa bits, so each ΔW entry is within about 2⁻¹⁰ · Σ_j |B_ij·A_jl| of the exact value
 (a relative error of a few 10⁻⁴ against the float64 formula for the penalty, and signs
 differ only at entries smaller than that bound, which then carry a negligible weight in
-the value); it is the only fp32 choice that keeps the tile kernels ≥ 5× faster than the
-official fp32 formula on an A100 (the tf32 tensor-core rate is 8× the fp32 FMA rate;
-"tf32x3" costs three tf32 MMAs per product, "ieee" runs on the FMA units). Use "tf32x3"
-for fp32-level accuracy. Contract, tested on CUDA against float64 on the same factors
+the value); it is the only fp32 choice that is modelled to keep the tile kernels well
+ahead of the official fp32 formula on an A100 (sefe_fast/roofline.py; the tf32 tensor-core
+rate is 8× the fp32 FMA rate, "tf32x3" costs three tf32 MMAs per product, "ieee" runs on
+the FMA units). Use "tf32x3" for fp32-level accuracy. Contract, tested on CUDA against float64 on the same factors
 (value: relative error; gradients: ‖g − g_ref‖_F / ‖g_ref‖_F):
 fp32 "ieee" and "tf32x3" ≤ 1e-5 / 1e-4, fp32 "tf32" ≤ 2e-3 / 1e-2, bf16 factors (products
 exact in fp32, gradients rounded to bf16) ≤ 1e-3 / 1e-2. Under TRITON_INTERPRET=1 tl.dot is
