@@ -40,9 +40,11 @@ def test_gather_official_and_tile_counts():
     flops = sum(tile[f"tile {n}"].flops for n in ("fwd", "grad_B", "grad_A"))
     assert flops == pytest.approx(10 * ENTRIES_4096 * 128)  # 2 + 4 + 4 k·d·r
     assert "tile extra fwd" not in tile  # no position above 15 after 7 tasks
-    # L2 re-reads of fp32 factor tiles: k·r·4·⌈d/128⌉ + d·r·4·⌈k/128⌉, plus the plane
+    # L2 re-reads of fp32 factor tiles: k·r·4·⌈d/BLOCK_N⌉ + d·r·4·⌈k/BLOCK_M⌉, plus the plane
     fwd = tile["tile fwd"]
-    rereads = 2 * 4096 * 128 * 4 * math.ceil(4096 / 128) * 128
+    block_m, block_n = roofline.tile_blocks()["fwd"]
+    rereads = (4096 * 128 * 4 * math.ceil(4096 / block_n)) * 128
+    rereads += (4096 * 128 * 4 * math.ceil(4096 / block_m)) * 128
     assert fwd.l2_bytes == pytest.approx(rereads + ENTRIES_4096 * 4 / 8)
     assert fwd.alu_ops == roofline.DECODE_OPS * ENTRIES_4096
     bits1 = _by_kernel(roofline.step_costs(7, "tile", torch.float32, bits=1))
@@ -54,6 +56,22 @@ def test_gather_official_and_tile_counts():
     assert _by_kernel(roofline.step_costs(7, "tile", torch.bfloat16, bits=4))["tile fwd"].rate == (
         "bf16"
     )
+
+
+def test_tile_blocks_follow_the_kernels_configs(monkeypatch):
+    from sefe_fast_kernels import reglora_tile
+
+    monkeypatch.setattr(reglora_tile, "FWD_CONFIGS_CUDA", [({"BLOCK_M": 64, "BLOCK_N": 128}, 4, 1)])
+    monkeypatch.setattr(
+        reglora_tile,
+        "GRAD_CONFIGS_CUDA",
+        [({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 1), ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1)],
+    )
+    assert roofline.tile_blocks() == {"fwd": (64, 128), "grad_B": (64, 32), "grad_A": (64, 32)}
+    tile = _by_kernel(roofline.step_costs(7, "tile", torch.float32, bits=4))
+    rereads = (4096 * 128 * 4 * (4096 // 32) + 4096 * 128 * 4 * (4096 // 64)) * 128
+    grad_b = tile["tile grad_B"]
+    assert grad_b.l2_bytes == pytest.approx(rereads + ENTRIES_4096 / 2 + 4096 * 128 * 4 * 128)
 
 
 def test_reported_time_is_the_binding_bound():
@@ -85,6 +103,7 @@ def test_summary_speedups_and_clis(capsys):
     }
     for r in rows:
         assert r["speedup tile 4-bit"] == pytest.approx(r["official fp32 ms"] / r["tile 4-bit ms"])
+        assert r["tile 1-bit no overlap ms"] <= r["tile 1-bit ms"]
         assert r["official tf32 ms"] < r["official fp32 ms"]
     assert roofline.main([]) == 0
     assert "official fp32" in capsys.readouterr().out
