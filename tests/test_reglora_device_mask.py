@@ -250,3 +250,14 @@ def test_overlap_report_counts_multiply_chosen_entries(tmp_path):
     assert rows[1]["bytes_gather"] == build_device_mask(merged, bits=0).nbytes
     assert rows[1]["vanilla_bytes"] == 16 * 8
     assert "| 2 |" in format_rows(rows)
+
+
+def test_overlap_scenarios_pick_the_documented_task_orders():
+    from sefe_fast.reglora.overlap import SCENARIOS, format_scenarios
+
+    assert SCENARIOS["independent"](4) == [0, 1, 2, 3]
+    assert SCENARIOS["identical"](3) == [0, 0, 0]
+    assert SCENARIOS["pairs"](7) == [0, 0, 1, 1, 2, 2, 3]
+    row = {"scenario": "pairs", "prior_tasks": 7, "multi": 5, "vanilla_bytes": 2e9}
+    row.update({"bytes_gather": 1e9, "bytes_tile1": 3e9, "bytes_tile4": 2e9, "bytes_tile": 2e9})
+    assert "| 7 pairs | 5 | 2.000 | 1.000 | 3.000 | 2.000 | 2.000 |" in format_scenarios([row])

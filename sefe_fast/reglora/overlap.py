@@ -1,6 +1,7 @@
 """How much the key elements of successive tasks overlap, and what that does to a DeviceMask.
 
     python -m sefe_fast.reglora.overlap RUN_DIR/key_elements [--json]
+    python -m sefe_fast.reglora.overlap --scenarios [--tasks 7] [--json]
 
 Reads the per-task key-element files of a run (in task order: the file names sort as
 stage01_…, stage02_…) and, for p = 1 … T merged tasks, over all matrices:
@@ -12,6 +13,13 @@ stage01_…, stage02_…) and, for p = 1 … T merged tasks, over all matrices:
 - the bytes of each DeviceMask representation (gather plan, 1-bit plane + list, 4-bit
   plane + list), from the real tensors `build_device_mask` builds, and of the one
   `choose_bits` takes for the tile kernels, against the official int64 masks (16 B/entry).
+
+`--scenarios` instead takes profile_memory's LLaVA-7B masks (real top-2 % selections of
+seeded random factors, one per shape and task) and merges `tasks` of them three ways —
+independent (tasks 0…p−1), identical (task 0 p times) and in pairs (0, 0, 1, 1, 2, 2, …,
+the overlap that makes the 1-bit list longest) — and reports the bytes the triton
+backend's real DeviceMaskGroups hold for the whole model (one matrix per shape, times the
+matrices of that shape), per representation.
 """
 
 from __future__ import annotations
@@ -68,6 +76,58 @@ def overlap_rows(directory: Path) -> list[dict]:
     return rows
 
 
+SCENARIOS = {
+    "independent": lambda p: list(range(p)),
+    "identical": lambda p: [0] * p,
+    "pairs": lambda p: [t // 2 for t in range(p)],
+}
+
+
+def scenario_rows(tasks: int = 7, rank: int = 128, ratio: float = 0.02) -> list[dict]:
+    """Whole-model LLaVA-7B DeviceMask bytes after `tasks` masks merged per SCENARIOS."""
+    from sefe_fast.profile_memory import SPECS, default_cache_dir, task_selection
+
+    spec = SPECS["llava-7b"]
+    rows = []
+    for scenario, order in SCENARIOS.items():
+        row = {"scenario": scenario, "prior_tasks": tasks, "positions": 0, "multi": 0}
+        row.update({"bytes_gather": 0, "bytes_tile1": 0, "bytes_tile4": 0, "bytes_tile": 0})
+        for (k, d), count in spec.shape_counts().items():
+            picks = [
+                task_selection(k, d, rank, ratio, t, default_cache_dir()) for t in order(tasks)
+            ]
+            merged = merge_key_elements(picks)
+            stats = mask_statistics(merged)
+            sizes = {b: build_device_mask(merged, bits=b, stats=stats).nbytes for b in (0, 1, 4)}
+            row["positions"] += count * stats.n_total
+            row["multi"] += count * stats.above[1]
+            row["bytes_gather"] += count * sizes[0]
+            row["bytes_tile1"] += count * sizes[1]
+            row["bytes_tile4"] += count * sizes[4]
+            row["bytes_tile"] += count * sizes[choose_bits(stats, "tile")]
+        row["vanilla_bytes"] = 16 * row["positions"]
+        rows.append(row)
+    return rows
+
+
+def format_scenarios(rows: list[dict]) -> str:
+    """Markdown table of `scenario_rows` (GB)."""
+    lines = [
+        "| masks merged | positions chosen ≥ 2× | vanilla GB | gather GB | tile 1-bit GB "
+        "| tile 4-bit GB | chosen tile GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [r[key] / 1e9 for key in ("vanilla_bytes", "bytes_gather", "bytes_tile1")]
+        cells += [r["bytes_tile4"] / 1e9, r["bytes_tile"] / 1e9]
+        lines.append(
+            f"| {r['prior_tasks']} {r['scenario']} | {r['multi']:,} | "
+            + " | ".join(f"{c:.3f}" for c in cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def format_rows(rows: list[dict]) -> str:
     """Markdown table of `overlap_rows`."""
     lines = [
@@ -91,9 +151,17 @@ def format_rows(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("directory", type=Path, help="a run's key_elements folder")
+    parser.add_argument("directory", type=Path, nargs="?", help="a run's key_elements folder")
+    parser.add_argument("--scenarios", action="store_true", help="LLaVA-7B overlap scenarios")
+    parser.add_argument("--tasks", type=int, default=7, help="masks merged (--scenarios)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)
+    if args.scenarios:
+        rows = scenario_rows(args.tasks)
+        print(json.dumps(rows, indent=1) if args.json else format_scenarios(rows))
+        return 0
+    if args.directory is None:
+        parser.error("give a key_elements folder or --scenarios")
     rows = overlap_rows(args.directory)
     print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
     return 0
