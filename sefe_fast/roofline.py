@@ -334,7 +334,30 @@ KERNEL_ROWS = (
     "tile 1-bit",
     "tile 1-bit no overlap",
     "tile 4-bit",
+    "auto",
 )
+
+
+def auto_step_time(
+    prior_tasks: int,
+    factor_dtype: torch.dtype,
+    gpu: Gpu,
+    rank: int = 128,
+    ratio: float = 0.02,
+    shapes=LLAVA_7B_SHAPES,
+) -> float:
+    """Seconds per step with `backend="triton"`: per shape group the kernels
+    `preferred_kernel` picks at the group's densities (tile = 1-bit plane + its list)."""
+    f = mask_fractions(ratio, prior_tasks)
+    total = 0.0
+    for k, d, count in shapes:
+        choice = preferred_kernel(k, d, rank, f["unique"], factor_dtype, gpu.name, f["multi"])
+        kernel = "gather" if choice == "gather" else "tile"
+        total += step_time(
+            step_costs(prior_tasks, kernel, factor_dtype, rank, ratio, 1, shapes=((k, d, count),)),
+            gpu,
+        )
+    return total
 
 
 def summary(
@@ -344,13 +367,17 @@ def summary(
     ratio: float = 0.02,
     input_precision: str = "tf32",
 ) -> list[dict]:
-    """Per prior-task count and GPU: modelled ms per step of every variant, and the speed-up
-    of the tile kernels (1-bit and 4-bit planes) over the official fp32 formula."""
+    """Per prior-task count and GPU: modelled ms per step of every variant (KERNEL_ROWS;
+    "auto": what backend="triton" dispatches), and their speed-up over the official fp32
+    formula."""
     rows = []
     for p in tasks:
         for gpu in GPUS:
             row: dict = {"prior_tasks": p, "gpu": gpu.name}
             for label in KERNEL_ROWS:
+                if label == "auto":
+                    row["auto ms"] = auto_step_time(p, factor_dtype, gpu, rank, ratio) * 1e3
+                    continue
                 kernel, bits = ("tile", int(label[5])) if label.startswith("tile") else (label, 1)
                 overlap = 0.0 if label.endswith("no overlap") else 1.0
                 costs = step_costs(

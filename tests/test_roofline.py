@@ -104,6 +104,8 @@ def test_summary_speedups_and_clis(capsys):
     for r in rows:
         assert r["speedup tile 4-bit"] == pytest.approx(r["official fp32 ms"] / r["tile 4-bit ms"])
         assert r["tile 1-bit no overlap ms"] <= r["tile 1-bit ms"]
+        # the dispatch picks the faster of gather and tile (one shape group's choice each)
+        assert r["auto ms"] == pytest.approx(min(r["gather ms"], r["tile 1-bit ms"]), rel=1e-9)
         assert r["official tf32 ms"] < r["official fp32 ms"]
     assert roofline.main([]) == 0
     assert "official fp32" in capsys.readouterr().out
