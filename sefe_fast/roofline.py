@@ -56,7 +56,13 @@ def tile_blocks() -> dict[str, tuple[int, int]]:
     re-reads its B tile once per column block and its A tile once per row block."""
     import importlib
 
-    tile = importlib.import_module(TILE_MODULE)
+    try:
+        tile = importlib.import_module(TILE_MODULE)
+    except ImportError as exc:  # the triton backends cannot run either: say what to use
+        raise RuntimeError(
+            f"the tile kernels' model reads their tile sizes from {TILE_MODULE}, which could "
+            f"not be imported: {exc}. Use backend='torch' instead."
+        ) from exc
 
     def largest(configs) -> tuple[int, int]:
         sizes = [(c[0]["BLOCK_M"], c[0]["BLOCK_N"]) for c in configs]
