@@ -38,6 +38,9 @@ Everything is built by streaming the KeyElements row block by row block
 filled in place (disjoint bit fields add without carries, so an int32 index_add is an OR),
 the list written slot by slot (`plan_from_blocks`). `pack_counts` / `unpack_counts` are the
 plain dense encoder and decoder, the reference the streamed build is tested against.
+
+(Slightly past 450 lines: the format, its reference codec, its builders and its grouped
+form `DeviceMaskGroup` are one contract with the kernels and are kept together.)
 """
 
 from __future__ import annotations

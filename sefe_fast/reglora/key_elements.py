@@ -1,7 +1,7 @@
 """KeyElements: the key positions of one LoRA matrix ΔW = B·A, stored compactly.
 
 The official implementation keeps every selected position as an int64 (row, col) pair:
-16 bytes per entry, about 2 GB per task for LLaVA-7B (REFERENCE.md §2). Here one task's
+16 bytes per entry, about 2 GB per task for LLaVA-7B (docs/reference.md §2). Here one task's
 positions ("a segment") are kept as their sorted row-major linear indices, delta-encoded:
 
     gaps[0] = linear[0] + 1,   gaps[i] = linear[i] - linear[i-1]   (so gaps are ≥ 0)

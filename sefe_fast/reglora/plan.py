@@ -1,7 +1,7 @@
 """PositionPlan: the index structures every fast penalty backend evaluates on.
 
 The penalty of one LoRA pair (B: k×r, A: r×d) over n merged key positions
-(duplicates kept, REFERENCE.md §2) is
+(duplicates kept, docs/reference.md §2) is
 
     penalty = (1/n) Σ_p |(B·A)[row_p, col_p]|
             = (1/n) Σ_u c_u · |Σ_j B[row_u, j] · A[j, col_u]|,

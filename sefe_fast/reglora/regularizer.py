@@ -1,6 +1,6 @@
 """The model-level RegLoRA regularizer and the helpers that connect it to a peft model.
 
-    L_reg = λ · (1/N) · Σ_matrices penalty(B_m, A_m, key elements of m)     (REFERENCE.md §2)
+    L_reg = λ · (1/N) · Σ_matrices penalty(B_m, A_m, key elements of m)     (docs/reference.md §2)
 
 with N the number of regularized matrices (224 for LLaVA-7B) and λ = 2.5e3. Matrices whose
 key elements are empty still count in N (they contribute 0), as in the official code.
