@@ -53,6 +53,7 @@ from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.reglora.plan import (
     MaskStats,
     PositionPlan,
+    RowBlocks,
     count_dtype,
     index_dtype,
     mask_stats,
@@ -342,7 +343,9 @@ def build_device_mask(
     return DeviceMask(shape=shape, n_total=stats.n_total, bits=bits, plane=plane, extra=extra)
 
 
-def build_plane(shape: tuple[int, int], blocks, bits: int, device: torch.device | str = "cpu"):
+def build_plane(
+    shape: tuple[int, int], blocks: RowBlocks, bits: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """int32 [k, ceil(d / E)]: min(count, 2^bits − 1) of every position, packed, streamed
     from row blocks of (linear, counts). Positions are distinct, so each bit field is
     written once and an int32 index_add of the shifted values is their OR (no carries)."""
