@@ -73,11 +73,6 @@ CUDA_CONFIG = {"BLOCK_K": 64, "BLOCK_D": 64, "BLOCK_R": 32, "num_warps": 4}
 INTERPRET_CONFIG = {"BLOCK_K": 128, "BLOCK_D": 128, "BLOCK_R": 256, "num_warps": 4}
 
 
-# @triton.jit helpers inlined into the kernels (sefe_fast.kernel_report compiles them as
-# part of their callers).
-DEVICE_FUNCTIONS = ("_abs_delta_bits",)
-
-
 def launch_config() -> dict[str, int]:
     """The tile config the launcher uses in this process (interpreter or CUDA)."""
     return dict(INTERPRET_CONFIG if INTERPRET else CUDA_CONFIG)

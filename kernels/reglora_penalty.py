@@ -594,13 +594,14 @@ class AotLaunch:
 
     args: every non-constexpr argument by name (tensors give dtype and alignment, ints give
     value specialisation exactly as the JIT would); constexprs: fixed constexpr arguments;
-    configs: the CUDA autotune configs (constexpr kwargs, num_warps) that may be used.
+    configs: the CUDA autotune configs that may be used, each (constexpr kwargs, num_warps)
+    or (constexpr kwargs, num_warps, num_stages).
     """
 
     kernel: object
     args: dict[str, object]
-    constexprs: dict[str, int]
-    configs: list[tuple[dict[str, int], int]]
+    constexprs: dict[str, object]
+    configs: list[tuple[dict[str, int], int] | tuple[dict[str, int], int, int]]
 
 
 def aot_launches(

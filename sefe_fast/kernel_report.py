@@ -7,6 +7,7 @@ memory. Registers and spills come from re-running the ptxas bundled with triton,
 from triton's compile metadata.
 
     python -m sefe_fast.kernel_report [--json]
+    python -m sefe_fast.kernel_report --roofline     (the model of sefe_fast/roofline.py)
 
 Exit status: 0 when everything compiled without spills, 1 when a kernel failed to
 compile, 2 when a kernel spills or a kernel module lists no representative launch.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import os
 import pkgutil
@@ -32,6 +34,8 @@ from triton.backends.compiler import BaseBackend, GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
+
+from sefe_fast import roofline
 
 ARCHS = (80, 90)
 KERNEL_PACKAGE = "sefe_fast_kernels"
@@ -84,18 +88,12 @@ def _is_kernel(obj: object) -> bool:
 
 
 def _own_kernels(module) -> dict[str, object]:
-    """The Triton kernels defined (not merely imported) in `module`, by name.
-
-    `@triton.jit` helpers that kernels call (inlined, never launched) are listed by the
-    module in `DEVICE_FUNCTIONS` (names) and are compiled as part of their callers.
-    """
-    helpers = set(getattr(module, "DEVICE_FUNCTIONS", ()))
+    """The Triton kernels and `@triton.jit` helpers defined (not merely imported) in
+    `module`, by name (helpers are compiled into the kernels that call them)."""
     return {
         name: obj
         for name, obj in vars(module).items()
-        if _is_kernel(obj)
-        and name not in helpers
-        and _python_function(obj).__module__ == module.__name__
+        if _is_kernel(obj) and _python_function(obj).__module__ == module.__name__
     }
 
 
@@ -111,7 +109,7 @@ def discover_kernel_modules() -> dict[str, object]:
     return modules
 
 
-def _signature(fn: JITFunction, args: dict[str, object], constexprs: dict[str, int]):
+def _signature(fn: JITFunction, args: dict[str, object], constexprs: dict[str, object]):
     """Signature, constexprs and attributes exactly as the JIT would derive them from args."""
     signature: dict[str, str] = {}
     constants: dict[str, object] = {}
@@ -178,9 +176,10 @@ def _ptxas_resources(ptx: str, arch: int, enable_fp_fusion: bool) -> tuple[int, 
 def compile_kernel(
     fn: JITFunction,
     args: dict[str, object],
-    constexprs: dict[str, int],
+    constexprs: dict[str, object],
     num_warps: int,
     arch: int,
+    num_stages: int | None = None,
 ) -> tuple[KernelResource, object]:
     """Compile one kernel variant for `sm_{arch}`; return its resources and triton's result.
 
@@ -192,6 +191,8 @@ def compile_kernel(
     signature, constants, attrs = _signature(fn, args, constexprs)
     # FP fusion on: the triton 3.9 default a JIT launch uses.
     options = {"num_warps": num_warps, "enable_fp_fusion": True}
+    if num_stages is not None:  # software-pipelining depth of a kernel's loops
+        options["num_stages"] = num_stages
     try:
         compiled = triton.compile(
             ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
@@ -212,6 +213,8 @@ def compile_kernel(
             f"triton's cubin uses {cubin_registers}: the re-run's flags no longer match triton's"
         )
     config = ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",num_warps={num_warps}"
+    if num_stages is not None:
+        config += f",num_stages={num_stages}"
     resource = KernelResource(
         kernel=fn.__name__,
         arch=f"sm_{arch}",
@@ -249,7 +252,8 @@ def collect_launches(dtype: str = "bf16") -> list:
     """The representative launches of every kernel module (each module's `aot_launches()`).
 
     Raises ValueError when a module defines a kernel that its `aot_launches()` omits, so a
-    new kernel cannot silently escape the report.
+    new kernel cannot silently escape the report. A `@triton.jit` helper that a covered
+    kernel calls (directly or through other helpers) is compiled into it and needs no entry.
     """
     import torch
 
@@ -261,11 +265,27 @@ def collect_launches(dtype: str = "bf16") -> list:
             raise ValueError(f"{module_name} defines Triton kernels but no aot_launches()")
         module_launches = launches_fn(dtype=torch_dtype)
         covered = {_python_function(launch.kernel) for launch in module_launches}
-        for name, obj in _own_kernels(module).items():
+        own = _own_kernels(module)
+        covered |= _called_helpers(own, covered)
+        for name, obj in own.items():
             if _python_function(obj) not in covered:
                 raise ValueError(f"{module_name}.{name} has no entry in aot_launches()")
         launches.extend(module_launches)
     return launches
+
+
+def _called_helpers(own: dict[str, object], covered: set) -> set:
+    """Python functions of the module's JIT functions reachable by calls from `covered`."""
+    reached: set = set()
+    sources = [inspect.getsource(fn) for fn in covered]
+    while sources:
+        source = sources.pop()
+        for name, obj in own.items():
+            fn = _python_function(obj)
+            if fn not in covered and fn not in reached and re.search(rf"\b{name}\(", source):
+                reached.add(fn)
+                sources.append(inspect.getsource(fn))
+    return reached
 
 
 def build_report(archs: tuple[int, ...] = ARCHS, dtype: str = "bf16") -> list[KernelResource]:
@@ -282,10 +302,14 @@ def build_report(archs: tuple[int, ...] = ARCHS, dtype: str = "bf16") -> list[Ke
     results: list[KernelResource] = []
     for launch in launches:
         fn = _jit_function(launch.kernel)
-        for kwargs, num_warps in launch.configs:
+        # A config is (constexpr kwargs, num_warps) or (constexpr kwargs, num_warps, num_stages).
+        for kwargs, num_warps, *stages in launch.configs:
             constexprs = {**launch.constexprs, **kwargs}
+            num_stages = stages[0] if stages else None
             for arch in archs:
-                resource, _ = compile_kernel(fn, launch.args, constexprs, num_warps, arch)
+                resource, _ = compile_kernel(
+                    fn, launch.args, constexprs, num_warps, arch, num_stages
+                )
                 results.append(resource)
     return results
 
@@ -302,132 +326,6 @@ def _build_report_in_subprocess(archs: tuple[int, ...], dtype: str) -> list[Kern
     except json.JSONDecodeError:
         raise ValueError(f"kernel report subprocess failed:\n{result.stderr}") from None
     return [KernelResource(**row) for row in rows]
-
-
-# --- Modelled roofline (no GPU here: every number below is a model, not a measurement) ---
-
-
-@dataclass(frozen=True)
-class Gpu:
-    """Peak rates used by the roofline model (public datasheet values; L2 is an assumption)."""
-
-    name: str
-    hbm_bytes_per_s: float
-    l2_bytes_per_s: float  # assumed sustained L2→SM bandwidth for scattered 256-byte rows
-    fp32_flops: float  # CUDA-core FMA rate (the fused kernels do not use tensor cores)
-    bf16_tensor_flops: float  # dense tensor-core rate (what a GEMM can reach)
-
-
-GPUS = (
-    Gpu("A100-SXM4", 2.039e12, 4.5e12, 19.5e12, 312e12),
-    Gpu("H100-SXM5", 3.35e12, 7.5e12, 67e12, 989e12),
-)
-
-# LLaVA-7B LoRA targets as (k, d, count): ΔW is k×d, B is k×r, A is r×d.
-LLAVA_7B_SHAPES = ((4096, 4096, 128), (11008, 4096, 64), (4096, 11008, 32))
-
-
-@dataclass(frozen=True)
-class RooflineRow:
-    """Modelled cost of one kernel (or baseline) over one whole shape group, one step."""
-
-    kernel: str
-    shape: str  # "k×d ×count"
-    flops: float
-    hbm_bytes: float
-    l2_bytes: float  # bytes moved from L2 into the SMs (gathers), ≥ hbm_bytes
-    intensity: float  # flops / hbm_bytes
-    bound: dict[str, str]  # per GPU: "HBM", "L2" or "compute"
-    time_s: dict[str, float]  # per GPU: max of the three bounds (a lower bound on time)
-
-
-def _row(kernel, shape, flops, hbm, l2, tensor_cores: bool) -> RooflineRow:
-    times, bounds = {}, {}
-    for gpu in GPUS:
-        rate = gpu.bf16_tensor_flops if tensor_cores else gpu.fp32_flops
-        candidates = {
-            "compute": flops / rate,
-            "HBM": hbm / gpu.hbm_bytes_per_s,
-            "L2": l2 / gpu.l2_bytes_per_s,
-        }
-        bounds[gpu.name] = max(candidates, key=candidates.get)
-        times[gpu.name] = candidates[bounds[gpu.name]]
-    return RooflineRow(kernel, shape, flops, hbm, l2, flops / max(hbm, 1.0), bounds, times)
-
-
-def roofline_model(
-    rank: int = 128, ratio: float = 0.02, tasks: int = 7, factor_bytes: int = 2
-) -> list[RooflineRow]:
-    """Modelled per-step cost of each fused kernel, per LLaVA-7B shape group, against the
-    official dense formula and a dense-tile tensor-core alternative (not implemented).
-
-    Positions: n = tasks·ratio·k·d with duplicates; unique u = (1 − (1 − ratio)^tasks)·k·d,
-    the count if tasks picked independently (the worst case for the fused kernels).
-    """
-    rows: list[RooflineRow] = []
-    unique_fraction = 1.0 - (1.0 - ratio) ** tasks
-    for k, d, count in LLAVA_7B_SHAPES:
-        shape = f"{k}×{d} ×{count}"
-        entries = k * d * count
-        u = unique_fraction * entries
-        n = tasks * ratio * entries
-        r_bytes = rank * factor_bytes  # one gathered factor row
-        factors = (k + d) * rank * factor_bytes * count
-        # forward: int16 rows + int16 cols + uint8 counts in, int8 sign out (6 B per
-        # position); stack B and transpose-stack A (read + write each factor once); each
-        # position gathers one Aᵀ row from L2, the B row is shared by the ~BLOCK_U positions
-        # of a row run and comes from L1.
-        hbm = 6 * u + 3 * factors
-        rows.append(_row("fwd (fused gather)", shape, 2 * u * rank, hbm, hbm + u * r_bytes, False))
-        # grad B: cols + counts + sign by rows (4 B), gathers Aᵀ rows; writes grad B.
-        hbm = 4 * u + 4 * k * count + 2 * factors
-        rows.append(_row("grad_B (CSR)", shape, 2 * u * rank, hbm, hbm + u * r_bytes, False))
-        # grad A: int32 col_order, then rows/counts/sign indirectly (8 B; 3 scattered
-        # 32-byte sectors from L2 per position), gathers B rows; writes grad Aᵀ, transposed
-        # back by torch.
-        hbm = 8 * u + 4 * d * count + 2 * factors
-        l2 = hbm + u * (r_bytes + 96)
-        rows.append(_row("grad_A (CSC)", shape, 2 * u * rank, hbm, l2, False))
-        # Official: per step ΔW = B·A twice (forward + checkpoint recompute) and two GEMMs
-        # in the backward, bf16 tensor cores; ΔW and its gradient dense in fp32 (4 B);
-        # int64 (row, col) pairs gathered (16 B + one 32-byte sector per position) twice,
-        # then scattered with accumulation into a zeroed dense gradient.
-        flops = 8 * entries * rank
-        hbm = 2 * 4 * entries + 2 * n * (16 + 32) + 4 * entries + n * (16 + 64) + 2 * 4 * entries
-        rows.append(_row("official dense (fwd+bwd)", shape, flops, hbm, hbm, True))
-        # Alternative: dense-tile fused kernels (ΔW tiles in registers via tl.dot, a uint8
-        # count plane per matrix read three times, never writing ΔW).
-        hbm = 3 * entries + 3 * factors
-        rows.append(_row("dense-tile alternative (fwd+bwd)", shape, flops, hbm, hbm, True))
-    return rows
-
-
-def format_roofline(rows: list[RooflineRow]) -> str:
-    """A markdown table of the modelled roofline, with per-kernel totals over all groups."""
-    names = [gpu.name for gpu in GPUS]
-    header = "| kernel | shape group | GFLOP | HBM GB | L2 GB | FLOP/B (HBM) | "
-    header += " | ".join(f"{n} bound | {n} µs" for n in names) + " |"
-    lines = [header, "|" + "---|" * (6 + 2 * len(names))]
-    for r in rows:
-        cells = " | ".join(f"{r.bound[n]} | {r.time_s[n] * 1e6:,.0f}" for n in names)
-        lines.append(
-            f"| {r.kernel} | {r.shape} | {r.flops / 1e9:,.1f} | {r.hbm_bytes / 1e9:,.2f} | "
-            f"{r.l2_bytes / 1e9:,.1f} | {r.intensity:,.1f} | {cells} |"
-        )
-    lines.append("")
-    lines.append("| total per training step (all 224 matrices) | " + " | ".join(names) + " |")
-    lines.append("|---|" + "---|" * len(names))
-    groups = {
-        "fused gather (fwd + grad_B + grad_A)": ("fwd", "grad_B", "grad_A"),
-        "official dense": ("official",),
-        "dense-tile alternative": ("dense-tile",),
-    }
-    for label, prefixes in groups.items():
-        totals = [
-            sum(r.time_s[n] for r in rows if r.kernel.startswith(prefixes)) * 1e3 for n in names
-        ]
-        lines.append(f"| {label} | " + " | ".join(f"{t:,.1f} ms" for t in totals) + " |")
-    return "\n".join(lines)
 
 
 def format_table(results: list[KernelResource]) -> str:
@@ -452,14 +350,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--roofline",
         action="store_true",
-        help="print the modelled roofline at LLaVA-7B shapes (no compilation)",
+        help="print the modelled roofline at LLaVA-7B shapes (sefe_fast.roofline; no compilation)",
     )
     parser.add_argument(
         "--arch", type=int, nargs="+", default=list(ARCHS), help="compute capabilities"
     )
     args = parser.parse_args(argv)
-    if args.roofline:
-        print(format_roofline(roofline_model()))
+    if args.roofline:  # the model lives in sefe_fast.roofline; shown for both factor dtypes
+        print(roofline.report("fp32"))
+        print()
+        print(roofline.format_summary(roofline.summary(roofline.FACTOR_DTYPES["bf16"]), "bf16"))
         return 0
     try:
         results = build_report(tuple(args.arch), args.dtype)

@@ -27,12 +27,21 @@ PACKAGES = {
 
 # (module, function) → why its first-party import must wait until the function runs.
 DEFERRED_IMPORTS_ALLOWED = {
-    ("sefe_fast.reglora.penalty", "load_triton_module"): (
-        "Triton is optional (CUDA machines only): the kernels are imported on first use"
-    ),
     ("sefe_fast.reglora.selection", "_select_triton"): (
         "Triton is optional (CUDA machines only): the selection kernels are imported on "
         "first use of backend='triton'"
+    ),
+    ("sefe_fast.reglora.penalty", "_group_of_one"): (
+        "Triton is optional: the gather kernels' grouped plan, through load_triton_module"
+    ),
+    ("sefe_fast.reglora.penalty", "penalty_mask_group"): (
+        "Triton is optional: the tile and gather kernels, through load_triton_module"
+    ),
+    ("sefe_fast.reglora.device_mask", "build_device_mask_group"): (
+        "Triton is optional: the gather kernels' grouped plan for a GPU group's extra lists"
+    ),
+    ("sefe_fast.roofline", "tile_blocks"): (
+        "Triton is optional: the model reads the tile kernels' configured block sizes"
     ),
     ("sefe_fast.kernel_report", "discover_kernel_modules"): (
         "discovery: the compile report walks the kernel package when it runs, so a new "
@@ -79,7 +88,8 @@ def _imported_names(node: ast.AST, module: str, is_package: bool, constants: dic
     if isinstance(node, ast.Call) and node.args:
         func = node.func
         name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
-        if name == "import_module":
+        # importlib.import_module, or the kernels' loader (sefe_fast.reglora.penalty)
+        if name in ("import_module", "load_triton_module"):
             arg = node.args[0]
             if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
                 return [arg.value]

@@ -202,3 +202,24 @@ def test_cli_table_and_bad_layout(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--layout", "12x:3", "--no-cache"])
     assert "expected KxD:COUNT" in capsys.readouterr().err
+
+
+def test_gpu_resident_bytes_are_the_real_device_tensors(small_profile):
+    """gpu_resident_bytes: the triton backend's real DeviceMaskGroup tensors per shape, × count,
+    for each training dtype; never more than the official masks."""
+    from sefe_fast.reglora import RegLoRA
+
+    spec, rows, details = small_profile
+    for p in (1, 2):
+        merged = {
+            (k, d): merge_key_elements([task_selection(k, d, RANK, RATIO, t) for t in range(p)])
+            for k, d, _ in ((48, 40, 3), (40, 96, 2))
+        }
+        expected = 0
+        for (k, d), count in spec.shape_counts().items():
+            reg = RegLoRA({"m": merged[(k, d)]}, backend="triton")
+            groups = reg.device_groups("cpu", RANK, torch.float32, "triton")
+            expected += count * sum(t.nbytes for _, g in groups for t in g.tensors())
+        assert rows[p]["gpu_resident_bytes"] == expected > 0
+        assert rows[p]["gpu_resident_bytes"] <= rows[p]["vanilla_mask_bytes"]
+    assert {m.gpu_representation for m in details} <= {"gather", "tile1", "tile4"}

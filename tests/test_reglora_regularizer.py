@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-import types
-
 import pytest
 import torch
 from torch import nn
@@ -18,7 +15,7 @@ from sefe_fast.reglora import (
     reglora_penalty,
     select_key_elements,
 )
-from sefe_fast.reglora.penalty import TRITON_MODULE, reference_penalty_from_indices
+from sefe_fast.reglora.penalty import reference_penalty_from_indices
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -113,35 +110,70 @@ def test_empty_regularizer_is_zero():
     assert RegLoRA({})(_factors()).item() == 0.0
 
 
-def test_grouped_triton_entry_point_is_used_once_per_shape_group(monkeypatch):
+@pytest.mark.parametrize("backend", ["triton", "triton_tile", "triton_gather"])
+def test_gpu_path_one_launch_per_group_and_one_copy_of_the_masks(backend, monkeypatch):
+    """Under the interpreter: value and gradients against the reference, one tile and one
+    gather launch per (shape, bits) group, masks built once, and nothing cached twice."""
+    import sefe_fast_kernels.reglora_penalty as gather_kernels
+    import sefe_fast_kernels.reglora_tile as tile_kernels
+
     calls = []
+    for module, name in (
+        (tile_kernels, "penalty_tile_grouped"),
+        (gather_kernels, "penalty_triton_grouped"),
+    ):
+        original = getattr(module, name)
 
-    class FakeGroupedPlan:
-        def __init__(self, plans):
-            self.plans = plans
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls.append((_name, len(args[0])))
+            return _original(*args, **kwargs)
 
-        @classmethod
-        def from_plans(cls, plans):
-            return cls(plans)
-
-    def penalty_triton_grouped(list_B, list_A, grouped_plan):
-        calls.append(len(list_B))
-        from sefe_fast.reglora.penalty import penalty_torch
-
-        return torch.stack(
-            [penalty_torch(B, A, p) for B, A, p in zip(list_B, list_A, grouped_plan.plans)]
+        monkeypatch.setattr(module, name, counted)
+    masks = _masks()
+    masks["l1.q"] = merge_key_elements([masks["l1.q"]] * 2)  # positions chosen 4 times
+    masks["l9.e"] = KeyElements.empty((7, 12))
+    shapes = {**SHAPES, "l9.e": (7, 12)}
+    gen = torch.Generator().manual_seed(5)
+    factors = {
+        name: (
+            torch.randn(k, 3, generator=gen).requires_grad_(),
+            torch.randn(3, d, generator=gen).requires_grad_(),
         )
-
-    fake = types.ModuleType(TRITON_MODULE)
-    fake.GroupedPositionPlan = FakeGroupedPlan
-    fake.penalty_triton_grouped = penalty_triton_grouped
-    monkeypatch.setitem(sys.modules, TRITON_MODULE, fake)
-
-    masks, factors = _masks(), _factors()
-    value = RegLoRA(masks, lam=3.0, backend="triton")(factors)
-    assert sorted(calls) == [1, 2]  # one launch per shape group, not one per matrix
-    expected = RegLoRA(masks, lam=3.0, backend="reference")(_factors())
+        for name, (k, d) in shapes.items()
+    }
+    reference = {
+        n: (B.detach().clone().requires_grad_(), A.detach().clone().requires_grad_())
+        for n, (B, A) in factors.items()
+    }
+    expected = RegLoRA(masks, lam=3.0, backend="reference")(reference)
+    expected.backward()
+    reg = RegLoRA(masks, lam=3.0, backend="triton")
+    value = reg._grouped_triton(factors, backend) * (3.0 / len(masks))
     assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+    value.backward()
+    for name in shapes:
+        for got, want in zip(factors[name], reference[name]):
+            assert torch.allclose(got.grad, want.grad, rtol=1e-4, atol=1e-6), name
+    groups = reg.device_groups("cpu", 3, torch.float32, backend)
+    launches = sum(bool(g.bits) + (g.extra is not None) for _, g in groups)
+    assert len(calls) == launches and len(groups) <= 2 * len(reg.groups())
+    if backend == "triton_gather":
+        assert all(g.bits == 0 and g.planes == () for _, g in groups)
+    if backend == "triton_tile":
+        assert all(g.bits in (1, 4) for _, g in groups)
+    # built once: a second call reuses the same groups; the empty mask is in none of them
+    reg._grouped_triton(factors, backend)
+    assert reg.device_groups("cpu", 3, torch.float32, backend) is groups
+    assert all("l9.e" not in names for names, _ in groups)
+    # one copy: no plan cached on any KeyElements, and every held byte belongs to exactly
+    # one tensor of the groups (no tensor, hence no storage, counted twice)
+    assert all(not ke._plans for ke in masks.values())
+    held = [t for _, g in groups for t in g.tensors()]
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in held if t.numel()
+    }
+    assert reg.device_nbytes() == sum(t.numel() * t.element_size() for t in held)
+    assert sum(storages.values()) == reg.device_nbytes()
 
 
 class _Tiny(nn.Module):

@@ -2,7 +2,7 @@
 
     python -m sefe_fast.profile_memory [--spec llava-7b|llava-13b|tiny | --layout L]
         [--rank 128] [--ratio 0.02] [--tasks 8] [--dtype bf16|fp32] [--threads 1]
-        [--json] [--plot FILE.png] [--cache-dir DIR | --no-cache]
+        [--gpu H100-SXM5|A100-SXM4] [--json] [--plot FILE.png] [--cache-dir DIR | --no-cache]
 
 For every number of prior tasks p = 0 … tasks-1 (training task p+1) it reports:
 
@@ -18,6 +18,15 @@ For every number of prior tasks p = 0 … tasks-1 (training task p+1) it reports
   the row/column offsets), real nbytes, scaled the same way. It is held while a task trains
   (on the GPU for the Triton backend); the torch backend also caches 3 B per unique
   position (rows and multiplicities in column order) for its column-order pass.
+- gpu_resident_bytes: everything the GPU ("triton") backend keeps between steps for
+  RegLoRA — the `DeviceMaskGroup`s `RegLoRA.device_groups` builds (packed planes, extra
+  lists, offsets, 1/n) with the representation the roofline model picks for the factors'
+  dtype on `--gpu` — *measured* as the sum of .nbytes of the real tensors it builds for one
+  matrix per shape (built here on the CPU; the same tensors go to the GPU), times the
+  number of matrices of that shape (every group tensor is per matrix). `gpu_representation`
+  names the choice per shape: "gather", "tile1" (union bit plane + list) or "tile4".
+  gpu_resident_gather_bytes / gpu_resident_tile_bytes: the same with the representation
+  forced ("triton_gather": the whole plan; "triton_tile": a plane, 1 or 4 bits by size).
 - peak and saved-for-backward bytes of the regularizer's forward+backward, *measured* on
   this machine once per distinct shape and p: the peak from the profiler's memory events
   (tensor bytes allocated net of frees; the persistent gradient buffers, which training
@@ -62,11 +71,13 @@ from sefe_fast.paper_defaults import MASK_RATIO
 from sefe_fast.position_plan import plan_tensors
 from sefe_fast.reglora import (
     KeyElements,
+    RegLoRA,
     merge_key_elements,
     reference_penalty_from_indices,
     reglora_penalty,
 )
 from sefe_fast.reglora.selection import num_selected
+from sefe_fast.roofline import DEFAULT_GPU, GPUS
 
 VANILLA_BYTES_PER_ENTRY = 16  # int64 (row, col)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -78,6 +89,9 @@ ROW_KEYS = (
     "vanilla_mask_bytes",
     "sefe_fast_mask_bytes",
     "sefe_fast_plan_bytes",
+    "gpu_resident_bytes",
+    "gpu_resident_gather_bytes",
+    "gpu_resident_tile_bytes",
     "vanilla_peak_bytes",
     "sefe_fast_peak_bytes",
     "vanilla_saved_bytes",
@@ -164,8 +178,28 @@ class ShapeMeasurement:
     unique_positions: int
     sefe_fast_mask_bytes: int
     sefe_fast_plan_bytes: int
+    gpu_resident_bytes: int
+    gpu_representation: str
+    gpu_resident_gather_bytes: int
+    gpu_resident_tile_bytes: int
     vanilla: PenaltyMemory
     sefe_fast: PenaltyMemory
+
+
+def gpu_resident(
+    key_elements: KeyElements,
+    rank: int,
+    dtype: torch.dtype,
+    gpu: str | None = None,
+    backend: str = "triton",
+) -> tuple[int, str]:
+    """(bytes, representation) a GPU backend keeps for one matrix: the real tensors of the
+    DeviceMaskGroup(s) `RegLoRA.device_groups` builds for it (on the CPU here)."""
+    reg = RegLoRA({"matrix": key_elements}, backend=backend)
+    groups = reg.device_groups("cpu", rank, dtype, backend, gpu)
+    nbytes = sum(t.numel() * t.element_size() for _, g in groups for t in g.tensors())
+    kinds = [("gather" if g.bits == 0 else f"tile{g.bits}") for _, g in groups]
+    return nbytes, "+".join(kinds) or "empty"
 
 
 def vanilla_mask_bytes(spec: ModelSpec, ratio: float, prior_tasks: int) -> int:
@@ -182,10 +216,12 @@ def profile(
     cache_dir: Path | None = None,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    gpu: str | None = None,
 ) -> tuple[list[dict], list[ShapeMeasurement]]:
     """Rows (keys ROW_KEYS, model totals, one per p = 0 … tasks-1) and per-shape details.
 
     `dtype`: the LoRA factors' dtype during training (the selections are made in fp32).
+    `gpu`: the roofline model's GPU whose tile/gather choice gpu_resident_bytes follows.
     """
     if tasks < 1:
         raise ValueError(f"tasks must be ≥ 1, got {tasks}")
@@ -216,6 +252,11 @@ def profile(
                 )
             bar.set_postfix_str(f"{k}x{d} measure {p} prior")
             plan = merged.plan()
+            resident, representation = gpu_resident(merged, rank, dtype, gpu)
+            forced = {
+                b: gpu_resident(merged, rank, dtype, gpu, b)[0]
+                for b in ("triton_gather", "triton_tile")
+            }
             details.append(
                 ShapeMeasurement(
                     k=k,
@@ -226,6 +267,10 @@ def profile(
                     unique_positions=plan.num_unique,
                     sefe_fast_mask_bytes=merged.nbytes,
                     sefe_fast_plan_bytes=plan.nbytes,
+                    gpu_resident_bytes=resident,
+                    gpu_representation=representation,
+                    gpu_resident_gather_bytes=forced["triton_gather"],
+                    gpu_resident_tile_bytes=forced["triton_tile"],
                     vanilla=measure_penalty_memory(lora_B, lora_A, merged, "vanilla", dtype),
                     sefe_fast=measure_penalty_memory(lora_B, lora_A, merged, "sefe_fast", dtype),
                 )
@@ -247,6 +292,10 @@ def _row(spec: ModelSpec, ratio: float, p: int, measured: list[ShapeMeasurement]
         "vanilla_mask_bytes": vanilla_mask_bytes(spec, ratio, p),
         "sefe_fast_mask_bytes": total("sefe_fast_mask_bytes"),
         "sefe_fast_plan_bytes": total("sefe_fast_plan_bytes"),
+        "gpu_resident_bytes": total("gpu_resident_bytes"),
+        "gpu_resident_gather_bytes": total("gpu_resident_gather_bytes"),
+        "gpu_resident_tile_bytes": total("gpu_resident_tile_bytes"),
+        "gpu_representation": ",".join(f"{m.k}x{m.d}:{m.gpu_representation}" for m in measured),
         "vanilla_peak_bytes": aggregate_peak([(m.count, m.vanilla) for m in measured]),
         "sefe_fast_peak_bytes": aggregate_peak([(m.count, m.sefe_fast) for m in measured]),
         "vanilla_saved_bytes": sum(m.count * m.vanilla.saved_bytes for m in measured),
@@ -294,14 +343,16 @@ def format_tables(
         f"Measured per matrix, once per distinct shape ({unit}; peak = forward+backward, "
         "tensor bytes from the profiler's memory events):",
         "| shape | ×count | prior tasks | positions | unique | sefe_fast mask | plan "
-        "| vanilla peak | vanilla saved | sefe_fast peak | sefe_fast saved |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GPU resident (representation) | vanilla peak | vanilla saved | sefe_fast peak "
+        "| sefe_fast saved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in details:
         lines.append(
             f"| {m.k}×{m.d} | {m.count} | {m.prior_tasks} | {m.positions:,} | "
             f"{m.unique_positions:,} | {u(m.sefe_fast_mask_bytes)} | "
-            f"{u(m.sefe_fast_plan_bytes)} | {u(m.vanilla.peak_bytes)} | "
+            f"{u(m.sefe_fast_plan_bytes)} | {u(m.gpu_resident_bytes)} "
+            f"({m.gpu_representation}) | {u(m.vanilla.peak_bytes)} | "
             f"{u(m.vanilla.saved_bytes)} | {u(m.sefe_fast.peak_bytes)} | "
             f"{u(m.sefe_fast.saved_bytes)} |"
         )
@@ -310,18 +361,22 @@ def format_tables(
         "",
         f"Whole model ({unit}). Masks: vanilla = 16 B × entries (computed), sefe_fast = real "
         "KeyElements.nbytes × matrices per shape. Plan: real PositionPlan nbytes × matrices. "
+        "GPU resident: real DeviceMaskGroup tensors of the triton backend × matrices. "
         "Peak and saved: measured per shape, aggregated (modelled) as "
         "Σ saved + max(peak − saved) over the matrices.",
         "| prior tasks | vanilla masks | sefe_fast masks | ratio | sefe_fast plan "
-        "| vanilla peak | sefe_fast peak | ratio | vanilla saved | sefe_fast saved |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| GPU resident | ratio | vanilla peak | sefe_fast peak | ratio | vanilla saved "
+        "| sefe_fast saved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['prior_tasks']} | {u(r['vanilla_mask_bytes'])} | "
             f"{u(r['sefe_fast_mask_bytes'])} | "
             f"{_ratio(r['vanilla_mask_bytes'], r['sefe_fast_mask_bytes'])} | "
-            f"{u(r['sefe_fast_plan_bytes'])} | {u(r['vanilla_peak_bytes'])} | "
+            f"{u(r['sefe_fast_plan_bytes'])} | {u(r['gpu_resident_bytes'])} | "
+            f"{_ratio(r['vanilla_mask_bytes'], r['gpu_resident_bytes'])} | "
+            f"{u(r['vanilla_peak_bytes'])} | "
             f"{u(r['sefe_fast_peak_bytes'])} | "
             f"{_ratio(r['vanilla_peak_bytes'], r['sefe_fast_peak_bytes'])} | "
             f"{u(r['vanilla_saved_bytes'])} | {u(r['sefe_fast_saved_bytes'])} |"
@@ -342,7 +397,8 @@ def plot_profile(rows: list[dict], path: Path, title: str) -> Path:
         ("vanilla masks (int64 pairs)", "vanilla_mask_bytes", "tab:red", "-"),
         ("vanilla regularizer peak", "vanilla_peak_bytes", "tab:red", "--"),
         ("sefe_fast masks (compact)", "sefe_fast_mask_bytes", "tab:blue", "-"),
-        ("sefe_fast plan (held while training)", "sefe_fast_plan_bytes", "tab:blue", ":"),
+        ("sefe_fast plan (torch backend)", "sefe_fast_plan_bytes", "tab:blue", ":"),
+        ("sefe_fast GPU resident (triton)", "gpu_resident_bytes", "tab:green", "-"),
         ("sefe_fast regularizer peak", "sefe_fast_peak_bytes", "tab:blue", "--"),
     ]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
@@ -391,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
         help="torch intra-op threads (0: torch's default). Bytes do not depend on it; one "
         "thread keeps the run quick and steady on a shared machine",
     )
+    parser.add_argument(
+        "--gpu",
+        choices=[g.name for g in GPUS],
+        default=DEFAULT_GPU,
+        help="the roofline model's GPU whose tile/gather choice gpu_resident_bytes follows",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON only")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     parser.add_argument("--cache-dir", type=Path, default=None, help="selection cache folder")
@@ -405,7 +467,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = parse_layout(args.layout) if args.layout else SPECS[args.spec]
         rows, details = profile(
-            spec, args.rank, args.ratio, args.tasks, cache_dir, dtype=DTYPES[args.dtype]
+            spec,
+            args.rank,
+            args.ratio,
+            args.tasks,
+            cache_dir,
+            dtype=DTYPES[args.dtype],
+            gpu=args.gpu,
         )
     except ValueError as exc:
         parser.error(str(exc))

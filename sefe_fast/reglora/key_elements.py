@@ -15,18 +15,26 @@ A gap of 0 (a repeated position) is allowed, so one segment can hold any multise
 
 Merged key elements (all earlier tasks) are the concatenation of the tasks' segments:
 duplicates across tasks are kept and counted, as in the official code.
+
+Everything derived from them (the CPU `PositionPlan`, the GPU `DeviceMask`) is built by
+streaming: `unique_row_blocks` decodes every segment chunk by chunk and yields the distinct
+positions of one block of rows at a time, so no int64 array over all n positions is ever
+held. Only the CPU plan is cached here (the torch backend's working copy); device copies
+belong to whoever evaluates on the device (the regularizer), so there is one of each.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from sefe_fast.position_plan import PositionPlan
+from sefe_fast.position_plan import PositionPlan, plan_from_blocks
 
 ESCAPE = 255  # uint8 marker: "the real gap is the next value of the escape stream"
+DECODE_CHUNK = 1 << 16  # gaps decoded at once when streaming a segment (512 KiB as int64)
+BLOCK_ENTRIES = 1 << 20  # matrix cells (rows × d) per row block when streaming a mask
 
 
 def _escape_dtype(shape: tuple[int, int]) -> torch.dtype:
@@ -60,6 +68,47 @@ class Segment:
         is_escape = self.gaps == ESCAPE
         gaps[is_escape] = self.escapes.to(torch.int64)
         return torch.cumsum(gaps, 0) - 1
+
+
+class _SegmentReader:
+    """Decodes one segment in chunks of DECODE_CHUNK gaps, handing out sorted linear
+    indices below a growing bound (`take_below`)."""
+
+    def __init__(self, segment: Segment) -> None:
+        self._gaps = segment.gaps
+        self._escapes = segment.escapes
+        self._next_gap = 0
+        self._next_escape = 0
+        self._last = -1
+        self._buffer = torch.empty(0, dtype=torch.int64)
+
+    def _decode_chunk(self) -> bool:
+        if self._next_gap >= self._gaps.numel():
+            return False
+        raw = self._gaps[self._next_gap : self._next_gap + DECODE_CHUNK]
+        gaps = raw.to(torch.int64)
+        is_escape = raw == ESCAPE
+        n_escape = int(is_escape.sum())
+        if n_escape:
+            gaps[is_escape] = self._escapes[self._next_escape : self._next_escape + n_escape].to(
+                torch.int64
+            )
+        values = torch.cumsum(gaps, 0) + self._last
+        self._next_gap += int(raw.numel())
+        self._next_escape += n_escape
+        self._last = int(values[-1])
+        self._buffer = values if self._buffer.numel() == 0 else torch.cat([self._buffer, values])
+        return True
+
+    def take_below(self, bound: int) -> torch.Tensor:
+        """The next decoded indices that are < bound (int64, sorted)."""
+        while (self._buffer.numel() == 0 or int(self._buffer[-1]) < bound) and (
+            self._decode_chunk()
+        ):
+            pass
+        cut = int(torch.searchsorted(self._buffer, bound))
+        taken, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return taken
 
 
 class GapEncoder:
@@ -116,7 +165,8 @@ class KeyElements:
 
     len(ke) is the number of positions with multiplicity (the penalty's denominator);
     `.indices()` gives them as int64 (row, col) pairs; `.nbytes` is the compact storage;
-    `.plan(device)` is the PositionPlan the fast penalty backends evaluate (cached).
+    `.plan(device)` is the PositionPlan the fast penalty backends evaluate (the CPU plan is
+    cached; a plan for another device is built, moved and handed over, not kept here).
     """
 
     def __init__(self, shape: tuple[int, int], segments: Sequence[Segment] = ()) -> None:
@@ -205,27 +255,45 @@ class KeyElements:
         rows = torch.div(linear, d, rounding_mode="floor")
         return torch.stack([rows, linear - rows * d], dim=1)
 
+    def unique_row_blocks(
+        self, block_entries: int = BLOCK_ENTRIES
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(linear, counts) for each block of max(1, block_entries // d) rows, in row order:
+        the distinct positions of those rows as sorted int64 row-major linear indices, and
+        how often each was chosen (int64). Segments are decoded chunk by chunk, so memory is
+        O(block + DECODE_CHUNK), not O(n). Empty blocks are yielded too."""
+        k, d = self._shape
+        rows_per_block = max(1, int(block_entries) // d)
+        readers = [_SegmentReader(s) for s in self._segments if len(s)]
+        for row0 in range(0, k, rows_per_block):
+            bound = min(row0 + rows_per_block, k) * d
+            parts = [reader.take_below(bound) for reader in readers]
+            parts = [part for part in parts if part.numel()]
+            if not parts:
+                empty = torch.empty(0, dtype=torch.int64)
+                yield empty, empty
+                continue
+            linear = parts[0] if len(parts) == 1 else torch.sort(torch.cat(parts)).values
+            unique, counts = torch.unique_consecutive(linear, return_counts=True)
+            yield unique, counts
+
     def plan(self, device: torch.device | str | None = None) -> PositionPlan:
-        """The PositionPlan of the merged positions on `device` (built once, then cached)."""
+        """The PositionPlan of the merged positions on `device`. The CPU plan is built once
+        and cached (the torch backend's copy); for another device a plan is built, moved
+        and returned without keeping any copy here (the caller holds the device copy)."""
         key = str(torch.device(device)) if device is not None else "cpu"
-        plan = self._plans.get(key)
+        if key != "cpu":
+            cpu = self._plans.get("cpu") or self._build_plan()
+            return cpu.to(key)
+        plan = self._plans.get("cpu")
         if plan is None:
-            cpu = self._plans.get("cpu")
-            if cpu is None:
-                cpu = self._build_plan()
-                self._plans["cpu"] = cpu
-            plan = cpu if key == "cpu" else cpu.to(key)
-            self._plans[key] = plan
+            plan = self._build_plan()
+            self._plans["cpu"] = plan
         return plan
 
     def _build_plan(self) -> PositionPlan:
-        n_total = len(self)
-        if len(self._segments) == 1:
-            linear = self._segments[0].linear()  # already sorted
-        else:
-            linear = torch.sort(self.linear()).values
-        unique, counts = torch.unique_consecutive(linear, return_counts=True)
-        return PositionPlan.from_linear(unique, counts, self._shape, n_total)
+        """A new CPU plan, streamed row block by row block (see `unique_row_blocks`)."""
+        return plan_from_blocks(self._shape, self.unique_row_blocks, len(self))
 
 
 def merge_key_elements(items: Iterable[KeyElements]) -> KeyElements:

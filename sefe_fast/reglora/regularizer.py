@@ -17,16 +17,27 @@ from tqdm.auto import tqdm
 
 from sefe_fast import paper_defaults
 from sefe_fast.position_plan import PositionPlan
+from sefe_fast.reglora.device_mask import (
+    DeviceMaskGroup,
+    build_device_mask_group,
+    choose_bits,
+    mask_statistics,
+)
 from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.reglora.penalty import (
+    MASK_KERNELS,
+    _zero_penalty,
     check_key_elements,
-    load_triton_module,
+    penalty_mask_group,
     penalty_unchecked,
     resolve_backend,
 )
 from sefe_fast.reglora.selection import select_key_elements
 from sefe_fast.reglora.validation import check_factors
+from sefe_fast.roofline import preferred_kernel
 
+# GPU backends -> the DeviceMask kernel they ask for ("auto": the roofline model decides)
+GPU_KERNELS = MASK_KERNELS
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -37,9 +48,14 @@ class RegLoRA:
     the current factors (name -> (lora_B k×r, lora_A r×d)) it returns a 0-dim fp32 tensor,
     differentiable in every factor. The factors must cover exactly the regularized names
     (an empty regularizer — the first task — returns 0 for any factors).
-    Position plans are built once per matrix and moved to the factors' device once (cached
-    in the KeyElements). `groups()` lists the matrices of equal shape: with the triton
-    backend and a grouped kernel available, each group is one launch.
+
+    CPU ("torch"/"reference"): matrix by matrix, on the CPU PositionPlan each KeyElements
+    caches. GPU ("triton", "triton_tile", "triton_gather"): on the first call the masks
+    are built once, by streaming, into `DeviceMaskGroup`s on the factors' device — one per
+    (shape, bits), the tile-or-gather choice made per shape group by the roofline model
+    ("triton") or forced — and each group is one launch of the tile kernels on its planes
+    plus one of the gather kernels on its extra lists. Those groups are the only copy of
+    the masks kept besides the gap-coded KeyElements (`device_nbytes()` counts them).
     """
 
     def __init__(
@@ -55,7 +71,9 @@ class RegLoRA:
         self.key_elements: dict[str, KeyElements] = dict(key_elements)
         self.lam = float(lam)
         self.backend = backend
-        self._grouped_plans: dict[tuple[str, tuple[int, int]], object] = {}
+        self._device_key: tuple | None = None
+        self._device_groups: list[tuple[list[str], DeviceMaskGroup]] = []
+        self._empty_names: list[str] = []  # matrices whose merged mask holds no position
 
     def __len__(self) -> int:
         return len(self.key_elements)
@@ -67,9 +85,9 @@ class RegLoRA:
             grouped.setdefault(ke.shape, []).append(name)
         return list(grouped.items())
 
-    def plans(self, device: torch.device | str = "cpu") -> dict[str, PositionPlan]:
-        """Build (or fetch the cached) PositionPlan of every matrix on `device`."""
-        return {name: ke.plan(device) for name, ke in self.key_elements.items()}
+    def plans(self) -> dict[str, PositionPlan]:
+        """The (cached) CPU PositionPlan of every matrix, as the torch backend uses them."""
+        return {name: ke.plan() for name, ke in self.key_elements.items()}
 
     def _check(self, factors: Factors) -> None:
         missing = sorted(set(self.key_elements) - set(factors))
@@ -99,32 +117,87 @@ class RegLoRA:
             device = next(iter(factors.values()))[0].device if factors else "cpu"
             return torch.zeros((), dtype=torch.float32, device=device)
         self._check(factors)
-        device = next(iter(factors.values()))[0].device
-        backend = resolve_backend(self.backend, device)
-        if backend == "triton":
-            total = self._grouped_triton(factors, device)
+        lora_B = next(iter(factors.values()))[0]
+        backend = resolve_backend(self.backend, lora_B.device)
+        if backend in GPU_KERNELS:
+            total = self._grouped_triton(factors, backend)
         else:
             total = torch.stack(
                 [self._penalty(name, *factors[name]) for name in self.key_elements]
             ).sum()
         return total * (self.lam / len(self.key_elements))
 
-    def _grouped_triton(self, factors: Factors, device: torch.device) -> torch.Tensor:
-        """Σ penalties with one grouped kernel launch per shape group."""
-        kernels = load_triton_module()
-        parts = []
+    def device_groups(
+        self,
+        device: torch.device | str,
+        rank: int,
+        factor_dtype: torch.dtype,
+        backend: str = "triton",
+        gpu: str | None = None,
+    ) -> list[tuple[list[str], DeviceMaskGroup]]:
+        """(names, DeviceMaskGroup) per (shape, bits) on `device`: built on first use, then
+        reused; a request for another device/rank/dtype/backend replaces them (one copy)."""
+        if backend not in GPU_KERNELS:
+            raise ValueError(f"device groups need one of {tuple(GPU_KERNELS)}, got {backend!r}")
+        key = (str(torch.device(device)), int(rank), factor_dtype, backend, gpu)
+        if self._device_key == key:
+            return self._device_groups
+        self._device_groups = []  # drop the old copy before building the new one
+        self._device_key = None
+        built: list[tuple[list[str], DeviceMaskGroup]] = []
+        self._empty_names = []
         for shape, names in self.groups():
-            key = (str(device), shape)
-            grouped_plan = self._grouped_plans.get(key)
-            if grouped_plan is None:
-                grouped_plan = kernels.GroupedPositionPlan.from_plans(
-                    [self.key_elements[n].plan(device) for n in names]
-                )
-                self._grouped_plans[key] = grouped_plan
-            out = kernels.penalty_triton_grouped(
-                [factors[n][0] for n in names], [factors[n][1] for n in names], grouped_plan
+            stats = {name: mask_statistics(self.key_elements[name]) for name in names}
+            self._empty_names += [name for name, s in stats.items() if not s.n_total]
+            stats = {name: s for name, s in stats.items() if s.n_total}  # empty: exactly 0
+            if not stats:
+                continue
+            kernel = self._group_kernel(
+                shape, list(stats.values()), backend, rank, factor_dtype, gpu
             )
-            parts.append(out.sum() if out.ndim else out)  # per-matrix penalties or their sum
+            by_bits: OrderedDict[int, list[str]] = OrderedDict()
+            for name, s in stats.items():
+                by_bits.setdefault(choose_bits(s, kernel), []).append(name)
+            for bits, members in by_bits.items():
+                group = build_device_mask_group(
+                    [self.key_elements[n] for n in members],
+                    bits,
+                    device,
+                    [stats[n] for n in members],
+                )
+                built.append((members, group))
+        self._device_groups, self._device_key = built, key
+        return built
+
+    @staticmethod
+    def _group_kernel(shape, stats, backend, rank, factor_dtype, gpu) -> str:
+        """'tile' or 'gather' for a shape group: forced by the backend, or the roofline
+        model's choice at the group's mean densities."""
+        if backend != "triton":
+            return GPU_KERNELS[backend]
+        k, d = shape
+        entries = k * d * len(stats)
+        unique = sum(s.num_unique for s in stats) / entries
+        listed = sum(s.above[1] for s in stats) / entries  # the 1-bit plane's list
+        return preferred_kernel(k, d, rank, unique, factor_dtype, gpu, listed)
+
+    def device_nbytes(self) -> int:
+        """Bytes of every tensor the GPU path keeps between steps (0 before its first call)."""
+        return sum(group.nbytes for _, group in self._device_groups)
+
+    def _grouped_triton(self, factors: Factors, backend: str) -> torch.Tensor:
+        """Σ penalties: per (shape, bits) group one tile launch on the planes and one gather
+        launch on the extra lists (`penalty_mask_group`), each with the masks' 1/n_total."""
+        lora_B = next(iter(factors.values()))[0]
+        groups = self.device_groups(lora_B.device, lora_B.shape[1], lora_B.dtype, backend)
+        parts = [
+            penalty_mask_group(
+                [factors[n][0] for n in names], [factors[n][1] for n in names], group
+            ).sum()
+            for names, group in groups
+        ]
+        # empty masks: exactly 0 with zero gradients, as on the other backends
+        parts += [_zero_penalty(*factors[name]) for name in self._empty_names]
         return torch.stack(parts).sum()
 
 

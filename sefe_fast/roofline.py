@@ -1,0 +1,482 @@
+"""Modelled roofline of the RegLoRA penalty on A100 and H100 — a model, never a measurement.
+
+    python -m sefe_fast.roofline [--json] [--factor-dtype fp32|bf16] [--tasks 1 3 7]
+    python -m sefe_fast.kernel_report --roofline          (the same tables)
+
+What it models, per training step, for the LLaVA-7B LoRA targets (224 matrices: 4096×4096
+×128, 11008×4096 ×64, 4096×11008 ×32; docs/reference.md §2-3), r = 128, M = 2 %, while
+training task p + 1 (p = 1…7 earlier masks, tasks assumed to pick independently):
+
+- "official": the official formula, ΔW = B.float() @ A.float() built in the forward and
+  again in the gradient-checkpointing recompute, two backward GEMMs (8·k·d·r FLOP), ΔW and
+  its gradient dense in fp32, int64 (row, col) pairs gathered twice and scattered once. Its
+  GEMMs run at the fp32 FMA rate (PyTorch's default, TF32 off: "official fp32") or at the
+  TF32 tensor-core rate ("official tf32", `torch.backends.cuda.matmul.allow_tf32 = True`);
+  bf16 factors are cast to fp32 first (a read and a write of each factor).
+- "gather": the three gather kernels (kernels/reglora_penalty.py) on a PositionPlan of u
+  distinct positions: each position pulls one factor row (r · factor bytes) through L2 per
+  kernel; grad_A reads rows/counts/signs indirectly (three 32-byte sectors).
+- "tile": the dense-tile kernels (kernels/reglora_tile.py) on a packed plane of `bits`
+  bits per entry, plus the gather kernels on the DeviceMask's extra list. Forward 2·k·d·r
+  FLOP, each gradient 4·k·d·r (ΔW recomputed, then the GEMM): 10·k·d·r on tensor cores at
+  the input precision (bf16 factors: bf16 rate; fp32 factors: "tf32" one TF32 MMA,
+  "tf32x3" three, "ieee" the fp32 FMA rate). Factor tiles are re-read from L2 once per
+  tile of the other dimension (k·r·fb·⌈d/BLOCK_N⌉ + d·r·fb·⌈k/BLOCK_M⌉ per pass, with each
+  kernel's largest configured tile, `tile_blocks()`), the plane
+  once per pass from HBM, and the mask decode (shift, mask, convert, multiply, abs/sign) is
+  DECODE_OPS CUDA-core instructions per entry and pass, a bound of its own.
+
+Every kernel's time is the largest of its bounds (tensor or FMA FLOPs, CUDA-core
+instructions, HBM bytes, L2→SM bytes): a lower bound on the real time. Peak rates are the
+datasheet numbers (dense, no sparsity); the sustained L2 rate is an *assumption*.
+`preferred_kernel` / `crossover_density` turn the model into the tile-or-gather choice that
+`build_device_mask(kernel="auto")` makes.
+
+(The module runs past 450 lines on purpose: every term of the model and the tables that
+report it stay in one file, so each printed number traces to one formula here.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+FACTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
+DECODE_OPS = 6  # CUDA-core instructions per ΔW entry and pass to decode and weight a count
+TILE_MODULE = "sefe_fast_kernels.reglora_tile"
+
+
+def tile_blocks() -> dict[str, tuple[int, int]]:
+    """(BLOCK_M, BLOCK_N) per tile kernel: the largest tile of its CUDA autotune list
+    (kernels/reglora_tile.py), the one that re-reads the factors least. Every program
+    re-reads its B tile once per column block and its A tile once per row block."""
+    import importlib
+
+    try:
+        tile = importlib.import_module(TILE_MODULE)
+    except ImportError as exc:  # the triton backends cannot run either: say what to use
+        raise RuntimeError(
+            f"the tile kernels' model reads their tile sizes from {TILE_MODULE}, which could "
+            f"not be imported: {exc}. Use backend='torch' instead."
+        ) from exc
+
+    def largest(configs) -> tuple[int, int]:
+        sizes = [(c[0]["BLOCK_M"], c[0]["BLOCK_N"]) for c in configs]
+        return max(sizes, key=lambda mn: (mn[0] * mn[1], mn))
+
+    grad = largest(tile.GRAD_CONFIGS_CUDA)
+    return {"fwd": largest(tile.FWD_CONFIGS_CUDA), "grad_B": grad, "grad_A": grad}
+
+
+SECTOR = 32  # bytes: the smallest L2 transaction
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """Peak rates (datasheet, dense) and an assumed sustained L2→SM rate, per second."""
+
+    name: str
+    hbm_bytes_per_s: float
+    l2_bytes_per_s: float  # assumption: sustained L2→SM bandwidth for scattered rows
+    fp32_flops: float  # CUDA-core FMA rate (2 FLOP per FMA); instructions/s = fp32_flops / 2
+    tf32_tensor_flops: float
+    bf16_tensor_flops: float
+
+
+GPUS = (
+    Gpu("A100-SXM4", 2.039e12, 4.5e12, 19.5e12, 156e12, 312e12),
+    Gpu("H100-SXM5", 3.35e12, 7.5e12, 67e12, 494.7e12, 989.4e12),
+)
+DEFAULT_GPU = "H100-SXM5"
+
+# LLaVA-7B LoRA targets as (k, d, count): ΔW is k×d, B is k×r, A is r×d.
+LLAVA_7B_SHAPES = ((4096, 4096, 128), (11008, 4096, 64), (4096, 11008, 32))
+
+
+def gpu_named(name: str | None) -> Gpu:
+    """The Gpu called `name` (None: DEFAULT_GPU); ValueError naming the known ones."""
+    name = DEFAULT_GPU if name is None else name
+    for gpu in GPUS:
+        if gpu.name == name:
+            return gpu
+    raise ValueError(f"unknown GPU {name!r}; the model knows {[g.name for g in GPUS]}")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Work of one kernel over `count` matrices of one shape, one training step.
+
+    flops run at `rate` ("fp32" FMA, "tf32" or "bf16" tensor cores); alu_ops are other
+    CUDA-core instructions (mask decode); hbm_bytes / l2_bytes move from HBM / from L2 to
+    the SMs (l2 ≥ hbm: everything passes through L2).
+    """
+
+    kernel: str
+    shape: str
+    flops: float
+    rate: str
+    alu_ops: float
+    hbm_bytes: float
+    l2_bytes: float
+
+    def bounds(self, gpu: Gpu) -> dict[str, float]:
+        """Seconds per bound on `gpu`."""
+        rate = {
+            "fp32": gpu.fp32_flops,
+            "tf32": gpu.tf32_tensor_flops,
+            "bf16": gpu.bf16_tensor_flops,
+        }[self.rate]
+        return {
+            "compute": self.flops / rate,
+            "alu": self.alu_ops / (gpu.fp32_flops / 2),
+            "HBM": self.hbm_bytes / gpu.hbm_bytes_per_s,
+            "L2": self.l2_bytes / gpu.l2_bytes_per_s,
+        }
+
+    def time(self, gpu: Gpu) -> tuple[str, float]:
+        """(binding bound, seconds): the largest bound, a lower bound on the time."""
+        bounds = self.bounds(gpu)
+        bound = max(bounds, key=bounds.get)
+        return bound, bounds[bound]
+
+
+def mask_fractions(ratio: float, prior_tasks: int) -> dict[str, float]:
+    """Fractions of a matrix's entries, for `prior_tasks` independent masks of `ratio`:
+    n (positions with multiplicity), unique (chosen at least once), multi (at least twice),
+    above15 (more than 15 times)."""
+    p, q = int(prior_tasks), 1.0 - ratio
+    at_most = [math.comb(p, c) * ratio**c * q ** (p - c) for c in range(min(p, 15) + 1)]
+    return {
+        "n": p * ratio,
+        "unique": 1.0 - q**p,
+        "multi": max(1.0 - sum(at_most[:2]), 0.0) if p > 1 else 0.0,
+        "above15": max(1.0 - sum(at_most), 0.0) if p > 15 else 0.0,
+    }
+
+
+def _shape(k: int, d: int, count: int) -> str:
+    return f"{k}×{d} ×{count}"
+
+
+def gather_costs(
+    k: int, d: int, count: int, rank: int, positions: float, factor_bytes: int, label="gather"
+) -> list[Cost]:
+    """The three gather kernels on `positions` distinct positions per matrix (a float: a
+    fraction of k·d times k·d)."""
+    shape = _shape(k, d, count)
+    u = positions * count
+    row = rank * factor_bytes  # one gathered factor row
+    factors = (k + d) * rank * factor_bytes * count
+    flops = 2 * u * rank
+    # forward: int16 row + int16 col + uint8 count in, int8 sign out per position; stack B
+    # and transpose-stack A (read + write each factor once); one Aᵀ row per position from
+    # L2 (the B row is shared by a block's row run and comes from L1).
+    fwd_hbm = 6 * u + 3 * factors
+    # grad B: cols + counts + sign in row order (4 B) and one Aᵀ row per position; writes ∂B.
+    gb_hbm = 4 * u + 2 * factors
+    # grad A: int32 col_order, then rows/counts/signs indirectly (8 B and three scattered
+    # sectors per position) and one B row per position; writes ∂Aᵀ.
+    ga_hbm = 8 * u + 2 * factors
+    return [
+        Cost(f"{label} fwd", shape, flops, "fp32", 0.0, fwd_hbm, fwd_hbm + u * row),
+        Cost(f"{label} grad_B", shape, flops, "fp32", 0.0, gb_hbm, gb_hbm + u * row),
+        Cost(f"{label} grad_A", shape, flops, "fp32", 0.0, ga_hbm, ga_hbm + u * (row + 3 * SECTOR)),
+    ]
+
+
+def official_cost(
+    k: int, d: int, count: int, rank: int, n: float, factor_bytes: int, tf32: bool
+) -> Cost:
+    """The official formula over one shape group (n: positions per matrix, a fraction)."""
+    entries = k * d * count
+    positions = n * entries
+    flops = 8 * entries * rank
+    # ΔW written twice (forward, recompute), int64 pairs + one ΔW sector gathered twice,
+    # a zeroed dense gradient, the scatter-add (pairs + a read-modify-write sector), and the
+    # dense gradient read by the two backward GEMMs.
+    hbm = 2 * 4 * entries + 2 * positions * (16 + SECTOR) + 4 * entries
+    hbm += positions * (16 + 2 * SECTOR) + 2 * 4 * entries
+    if factor_bytes != 4:  # .float() copies of the factors, forward and recompute
+        hbm += 2 * (k + d) * rank * (factor_bytes + 4) * count
+    label = "official tf32" if tf32 else "official fp32"
+    return Cost(label, _shape(k, d, count), flops, "tf32" if tf32 else "fp32", 0.0, hbm, hbm)
+
+
+def tile_costs(
+    k: int,
+    d: int,
+    count: int,
+    rank: int,
+    bits: int,
+    factor_bytes: int,
+    input_precision: str = "tf32",
+) -> list[Cost]:
+    """The three tile kernels on a `bits`-bit plane over one shape group (no extra list)."""
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}")
+    shape = _shape(k, d, count)
+    entries = k * d * count
+    if factor_bytes == 2:
+        rate, mult = "bf16", 1
+    else:
+        rate, mult = {"tf32": ("tf32", 1), "tf32x3": ("tf32", 3), "ieee": ("fp32", 1)}[
+            input_precision
+        ]
+    plane = entries * bits / 8
+    factors = (k + d) * rank * factor_bytes * count
+    costs = []
+    blocks = tile_blocks()
+    for name, gemms, writes in (("fwd", 1, 0), ("grad_B", 2, k), ("grad_A", 2, d)):
+        block_m, block_n = blocks[name]
+        col_blocks, row_blocks = math.ceil(d / block_n), math.ceil(k / block_m)
+        rereads = (k * rank * col_blocks + d * rank * row_blocks) * factor_bytes * count
+        hbm = plane + factors + writes * rank * factor_bytes * count
+        costs.append(
+            Cost(
+                f"tile {name}",
+                shape,
+                2 * gemms * entries * rank * mult,
+                rate,
+                DECODE_OPS * entries,
+                hbm,
+                plane + rereads + writes * rank * factor_bytes * count,
+            )
+        )
+    return costs
+
+
+def step_costs(
+    prior_tasks: int,
+    kernel: str,
+    factor_dtype: torch.dtype = torch.float32,
+    rank: int = 128,
+    ratio: float = 0.02,
+    bits: int = 1,
+    input_precision: str = "tf32",
+    shapes=LLAVA_7B_SHAPES,
+    overlap: float = 1.0,
+) -> list[Cost]:
+    """Every kernel of one penalty step over all shape groups for `kernel` in
+    ("official fp32", "official tf32", "gather", "tile"); tile = plane + its extra list.
+    `overlap` scales the list of multiply chosen positions against independent tasks (0: no
+    two tasks chose one entry, as measured on a real mini-CoIN run)."""
+    fb = DTYPE_BYTES[factor_dtype]
+    f = mask_fractions(ratio, prior_tasks)
+    costs: list[Cost] = []
+    for k, d, count in shapes:
+        if kernel in ("official fp32", "official tf32"):
+            costs.append(official_cost(k, d, count, rank, f["n"], fb, kernel == "official tf32"))
+        elif kernel == "gather":
+            costs += gather_costs(k, d, count, rank, f["unique"] * k * d, fb)
+        elif kernel == "tile":
+            costs += tile_costs(k, d, count, rank, bits, fb, input_precision)
+            listed = overlap * (f["multi"] if bits == 1 else f["above15"])
+            if listed > 0:
+                costs += gather_costs(k, d, count, rank, listed * k * d, fb, "tile extra")
+        else:
+            raise ValueError(f"unknown kernel {kernel!r}")
+    return costs
+
+
+def step_time(costs: list[Cost], gpu: Gpu) -> float:
+    """Seconds per step: kernels run one after another."""
+    return sum(cost.time(gpu)[1] for cost in costs)
+
+
+def _matrix_time(kernel: str, k, d, rank, density, listed, factor_dtype, gpu, bits=1) -> float:
+    fb = DTYPE_BYTES[factor_dtype]
+    if kernel == "gather":
+        costs = gather_costs(k, d, 1, rank, density * k * d, fb)
+    else:
+        costs = tile_costs(k, d, 1, rank, bits, fb)
+        if listed > 0:
+            costs += gather_costs(k, d, 1, rank, listed * k * d, fb, "tile extra")
+    return step_time(costs, gpu)
+
+
+def preferred_kernel(
+    k: int,
+    d: int,
+    rank: int,
+    unique_density: float,
+    factor_dtype: torch.dtype = torch.float32,
+    gpu: str | None = None,
+    listed_density: float = 0.0,
+) -> str:
+    """'tile' or 'gather', whichever the model says is faster for one k×d matrix whose mask
+    has `unique_density` distinct positions per entry (`listed_density` of them in the tile
+    representation's extra list); ties go to the tile kernels."""
+    chosen = gpu_named(gpu)
+    gather = _matrix_time("gather", k, d, rank, unique_density, 0.0, factor_dtype, chosen)
+    tile = _matrix_time("tile", k, d, rank, unique_density, listed_density, factor_dtype, chosen)
+    return "tile" if tile <= gather else "gather"
+
+
+def crossover_density(
+    k: int, d: int, rank: int, factor_dtype: torch.dtype = torch.float32, gpu: str | None = None
+) -> float:
+    """The distinct-position density above which the tile kernels are modelled faster than
+    the gather kernels (no extra list), found by bisection; 1.0 if they never are."""
+    lo, hi = 0.0, 1.0
+    if preferred_kernel(k, d, rank, hi, factor_dtype, gpu) == "gather":
+        return 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if preferred_kernel(k, d, rank, mid, factor_dtype, gpu) == "tile":
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+KERNEL_ROWS = (
+    "official fp32",
+    "official tf32",
+    "gather",
+    "tile 1-bit",
+    "tile 1-bit no overlap",
+    "tile 4-bit",
+    "auto",
+)
+
+
+def auto_step_time(
+    prior_tasks: int,
+    factor_dtype: torch.dtype,
+    gpu: Gpu,
+    rank: int = 128,
+    ratio: float = 0.02,
+    shapes=LLAVA_7B_SHAPES,
+) -> float:
+    """Seconds per step with `backend="triton"`: per shape group the kernels
+    `preferred_kernel` picks at the group's densities (tile = 1-bit plane + its list)."""
+    f = mask_fractions(ratio, prior_tasks)
+    total = 0.0
+    for k, d, count in shapes:
+        choice = preferred_kernel(k, d, rank, f["unique"], factor_dtype, gpu.name, f["multi"])
+        kernel = "gather" if choice == "gather" else "tile"
+        total += step_time(
+            step_costs(prior_tasks, kernel, factor_dtype, rank, ratio, 1, shapes=((k, d, count),)),
+            gpu,
+        )
+    return total
+
+
+def summary(
+    factor_dtype: torch.dtype = torch.float32,
+    tasks: tuple[int, ...] = tuple(range(1, 8)),
+    rank: int = 128,
+    ratio: float = 0.02,
+    input_precision: str = "tf32",
+) -> list[dict]:
+    """Per prior-task count and GPU: modelled ms per step of every variant (KERNEL_ROWS;
+    "auto": what backend="triton" dispatches), and their speed-up over the official fp32
+    formula."""
+    rows = []
+    for p in tasks:
+        for gpu in GPUS:
+            row: dict = {"prior_tasks": p, "gpu": gpu.name}
+            for label in KERNEL_ROWS:
+                if label == "auto":
+                    row["auto ms"] = auto_step_time(p, factor_dtype, gpu, rank, ratio) * 1e3
+                    continue
+                kernel, bits = ("tile", int(label[5])) if label.startswith("tile") else (label, 1)
+                overlap = 0.0 if label.endswith("no overlap") else 1.0
+                costs = step_costs(
+                    p, kernel, factor_dtype, rank, ratio, bits, input_precision, overlap=overlap
+                )
+                row[f"{label} ms"] = step_time(costs, gpu) * 1e3
+            for label in KERNEL_ROWS[3:]:
+                row[f"speedup {label}"] = row["official fp32 ms"] / row[f"{label} ms"]
+            rows.append(row)
+    return rows
+
+
+def format_summary(rows: list[dict], factor_dtype_name: str) -> str:
+    """Markdown: ms per step per variant, per prior-task count and GPU."""
+    header = "| prior tasks | GPU | " + " | ".join(f"{k} ms" for k in KERNEL_ROWS)
+    header += " | " + " | ".join(f"official fp32 / {k}" for k in KERNEL_ROWS[3:]) + " |"
+    lines = [
+        f"Modelled penalty time per training step, all 224 LLaVA-7B matrices, r = 128, "
+        f"{factor_dtype_name} factors (MODELLED, not measured). Tile 1-bit: union plane + "
+        "list of positions chosen twice or more, as independent tasks would; no overlap: "
+        "an empty list (as measured on a real mini-CoIN run):",
+        "",
+        header,
+        "|" + "---|" * (2 * len(KERNEL_ROWS) - 1),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r[f'{k} ms']:,.1f}" for k in KERNEL_ROWS)
+        ratios = " | ".join(f"{r[f'speedup {k}']:.1f}×" for k in KERNEL_ROWS[3:])
+        lines.append(f"| {r['prior_tasks']} | {r['gpu']} | {cells} | {ratios} |")
+    return "\n".join(lines)
+
+
+def format_kernels(costs: list[Cost]) -> str:
+    """Markdown: per kernel and shape group, work and binding bound per GPU."""
+    names = [gpu.name for gpu in GPUS]
+    header = "| kernel | shape group | GFLOP | rate | HBM GB | L2 GB | "
+    header += " | ".join(f"{n} bound | {n} µs" for n in names) + " |"
+    lines = [header, "|" + "---|" * (6 + 2 * len(names))]
+    for c in costs:
+        cells = []
+        for gpu in GPUS:
+            bound, seconds = c.time(gpu)
+            cells.append(f"{bound} | {seconds * 1e6:,.0f}")
+        lines.append(
+            f"| {c.kernel} | {c.shape} | {c.flops / 1e9:,.1f} | {c.rate} | "
+            f"{c.hbm_bytes / 1e9:,.2f} | {c.l2_bytes / 1e9:,.1f} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def report(factor_dtype_name: str = "fp32", detail_tasks: int = 7) -> str:
+    """The full text: the summary over tasks 1–7, then the per-kernel table at one count."""
+    dtype = FACTOR_DTYPES[factor_dtype_name]
+    costs = []
+    for kernel, bits in (("official fp32", 1), ("official tf32", 1), ("gather", 1)):
+        costs += step_costs(detail_tasks, kernel, dtype, bits=bits)
+    costs += step_costs(detail_tasks, "tile", dtype, bits=1)
+    costs += [c for c in step_costs(detail_tasks, "tile", dtype, bits=4)]
+    crossover = ", ".join(
+        f"{gpu.name} {crossover_density(k, d, 128, dtype, gpu.name) * 100:.2f} %"
+        for gpu in GPUS
+        for k, d, _ in LLAVA_7B_SHAPES[:1]
+    )
+    return "\n".join(
+        [
+            format_summary(summary(dtype), factor_dtype_name),
+            "",
+            f"Per kernel at {detail_tasks} prior tasks (MODELLED; tile rows: 1-bit plane with "
+            "its extra list, then the 4-bit plane):",
+            "",
+            format_kernels(costs),
+            "",
+            f"Tile/gather crossover (distinct-position density, 4096×4096): {crossover}",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; prints the modelled tables (or JSON rows)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--factor-dtype", choices=sorted(FACTOR_DTYPES), default="fp32")
+    parser.add_argument("--json", action="store_true", help="print the summary rows as JSON")
+    args = parser.parse_args(argv)
+    if args.json:
+        rows = summary(FACTOR_DTYPES[args.factor_dtype])
+        print(json.dumps(rows, indent=1))
+    else:
+        print(report(args.factor_dtype))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

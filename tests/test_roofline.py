@@ -1,0 +1,114 @@
+"""The modelled roofline (sefe_fast.roofline): its counts follow the documented formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sefe_fast import kernel_report, roofline
+
+ENTRIES_4096 = 4096 * 4096 * 128  # the q/k/v/o group
+
+
+def _by_kernel(costs, shape="4096×4096 ×128"):
+    return {c.kernel: c for c in costs if c.shape == shape}
+
+
+def test_mask_fractions_are_the_binomial_ones():
+    f = roofline.mask_fractions(0.02, 7)
+    assert f["n"] == pytest.approx(0.14)
+    assert f["unique"] == pytest.approx(1 - 0.98**7)
+    assert f["multi"] == pytest.approx(1 - 0.98**7 - 7 * 0.02 * 0.98**6)
+    assert f["above15"] == 0.0 and roofline.mask_fractions(0.02, 1)["multi"] == 0.0
+
+
+def test_gather_official_and_tile_counts():
+    gather = _by_kernel(roofline.step_costs(7, "gather", torch.float32))
+    unique = (1 - 0.98**7) * ENTRIES_4096
+    assert gather["gather fwd"].flops == pytest.approx(2 * unique * 128)
+    # fp32 factors: each position pulls a 512-byte factor row through L2
+    fwd = gather["gather fwd"]
+    assert fwd.l2_bytes == pytest.approx(fwd.hbm_bytes + unique * 512)
+    official = _by_kernel(roofline.step_costs(7, "official fp32", torch.float32))
+    assert official["official fp32"].flops == pytest.approx(8 * ENTRIES_4096 * 128)
+    assert official["official fp32"].rate == "fp32"
+    tf32 = _by_kernel(roofline.step_costs(7, "official tf32", torch.float32))
+    assert tf32["official tf32"].rate == "tf32"
+    tile = _by_kernel(roofline.step_costs(7, "tile", torch.float32, bits=4))
+    flops = sum(tile[f"tile {n}"].flops for n in ("fwd", "grad_B", "grad_A"))
+    assert flops == pytest.approx(10 * ENTRIES_4096 * 128)  # 2 + 4 + 4 k·d·r
+    assert "tile extra fwd" not in tile  # no position above 15 after 7 tasks
+    # L2 re-reads of fp32 factor tiles: k·r·4·⌈d/BLOCK_N⌉ + d·r·4·⌈k/BLOCK_M⌉, plus the plane
+    fwd = tile["tile fwd"]
+    block_m, block_n = roofline.tile_blocks()["fwd"]
+    rereads = (4096 * 128 * 4 * math.ceil(4096 / block_n)) * 128
+    rereads += (4096 * 128 * 4 * math.ceil(4096 / block_m)) * 128
+    assert fwd.l2_bytes == pytest.approx(rereads + ENTRIES_4096 * 4 / 8)
+    assert fwd.alu_ops == roofline.DECODE_OPS * ENTRIES_4096
+    bits1 = _by_kernel(roofline.step_costs(7, "tile", torch.float32, bits=1))
+    multi = roofline.mask_fractions(0.02, 7)["multi"] * ENTRIES_4096
+    assert bits1["tile extra fwd"].flops == pytest.approx(2 * multi * 128)
+    # tf32x3 triples the tensor work; bf16 factors run at the bf16 rate
+    x3 = _by_kernel(roofline.step_costs(7, "tile", torch.float32, bits=4, input_precision="tf32x3"))
+    assert x3["tile fwd"].flops == pytest.approx(3 * fwd.flops)
+    assert _by_kernel(roofline.step_costs(7, "tile", torch.bfloat16, bits=4))["tile fwd"].rate == (
+        "bf16"
+    )
+
+
+def test_tile_blocks_follow_the_kernels_configs(monkeypatch):
+    from sefe_fast_kernels import reglora_tile
+
+    monkeypatch.setattr(reglora_tile, "FWD_CONFIGS_CUDA", [({"BLOCK_M": 64, "BLOCK_N": 128}, 4, 1)])
+    monkeypatch.setattr(
+        reglora_tile,
+        "GRAD_CONFIGS_CUDA",
+        [({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 1), ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1)],
+    )
+    assert roofline.tile_blocks() == {"fwd": (64, 128), "grad_B": (64, 32), "grad_A": (64, 32)}
+    tile = _by_kernel(roofline.step_costs(7, "tile", torch.float32, bits=4))
+    rereads = (4096 * 128 * 4 * (4096 // 32) + 4096 * 128 * 4 * (4096 // 64)) * 128
+    grad_b = tile["tile grad_B"]
+    assert grad_b.l2_bytes == pytest.approx(rereads + ENTRIES_4096 / 2 + 4096 * 128 * 4 * 128)
+
+
+def test_reported_time_is_the_binding_bound():
+    for kernel in ("official fp32", "gather", "tile"):
+        for cost in roofline.step_costs(3, kernel, torch.float32):
+            for gpu in roofline.GPUS:
+                bound, seconds = cost.time(gpu)
+                assert seconds == max(cost.bounds(gpu).values())
+                assert cost.bounds(gpu)[bound] == seconds
+
+
+def test_crossover_splits_the_choice():
+    for gpu in roofline.GPUS:
+        crossover = roofline.crossover_density(4096, 4096, 128, torch.float32, gpu.name)
+        assert 0.001 < crossover < 0.1
+        choose = roofline.preferred_kernel
+        assert choose(4096, 4096, 128, crossover * 0.9, torch.float32, gpu.name) == "gather"
+        assert choose(4096, 4096, 128, crossover * 1.1, torch.float32, gpu.name) == "tile"
+        # a long extra list makes the tile representation slower
+        assert choose(4096, 4096, 128, 0.05, torch.float32, gpu.name, 0.05) == "gather"
+    with pytest.raises(ValueError, match="unknown GPU"):
+        roofline.gpu_named("V100")
+
+
+def test_summary_speedups_and_clis(capsys):
+    rows = roofline.summary(torch.float32, tasks=(1, 7))
+    assert {(r["prior_tasks"], r["gpu"]) for r in rows} == {
+        (p, g.name) for p in (1, 7) for g in roofline.GPUS
+    }
+    for r in rows:
+        assert r["speedup tile 4-bit"] == pytest.approx(r["official fp32 ms"] / r["tile 4-bit ms"])
+        assert r["tile 1-bit no overlap ms"] <= r["tile 1-bit ms"]
+        # the dispatch picks the faster of gather and tile (one shape group's choice each)
+        assert r["auto ms"] == pytest.approx(min(r["gather ms"], r["tile 1-bit ms"]), rel=1e-9)
+        assert r["official tf32 ms"] < r["official fp32 ms"]
+    assert roofline.main([]) == 0
+    assert "official fp32" in capsys.readouterr().out
+    assert kernel_report.main(["--roofline"]) == 0
+    out = capsys.readouterr().out
+    assert "MODELLED" in out and "bf16 factors" in out and "fp32 factors" in out
