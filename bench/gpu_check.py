@@ -48,10 +48,10 @@ import torch
 from bench.gpu_check_model import model_check, synchronize
 from sefe_fast.bench.workloads import random_lora
 from sefe_fast.io_utils import atomic_write_json
-from sefe_fast.kernel_report import LLAVA_7B_SHAPES
 from sefe_fast.reglora import RegLoRA, merge_key_elements, reglora_penalty
 from sefe_fast.reglora.penalty import BACKENDS
 from sefe_fast.reglora.selection import select_key_elements, select_key_elements_dense
+from sefe_fast.roofline import LLAVA_7B_SHAPES
 from sefe_fast_kernels.key_element_selection import top_linear_indices
 
 # The GPU penalty backends this check covers: every one that `reglora_penalty` offers.

@@ -11,7 +11,7 @@ process CPU time are both reported, with the load average: on a shared machine C
 the steadier of the two.
 
 Modelled (no GPU here), per task, whole model, from datasheet rates
-(`sefe_fast.kernel_report.GPUS`) and the stated per-launch and per-sync costs:
+(`sefe_fast.roofline.GPUS`) and the stated per-launch and per-sync costs:
 - Triton: 5 passes (3 histogram levels, count, compaction), each recomputing ΔW with an
   "ieee" fp32 `tl.dot` on the CUDA cores (2·k·d·r FLOP per pass); factor bytes per pass;
   ~15 small torch ops per matrix between the passes; one device-to-host copy of the
@@ -37,9 +37,9 @@ import torch
 
 from sefe_fast.bench.workloads import random_lora
 from sefe_fast.io_utils import atomic_write_json
-from sefe_fast.kernel_report import GPUS, LLAVA_7B_SHAPES
 from sefe_fast.reglora.key_elements import encode_sorted_linear
 from sefe_fast.reglora.selection import DEFAULT_TILE_ELEMENTS, num_selected, select_key_elements
+from sefe_fast.roofline import GPUS, LLAVA_7B_SHAPES
 
 RANK, RATIO = 128, 0.02
 TRITON_PASSES = 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import selection_cost
-from sefe_fast.kernel_report import LLAVA_7B_SHAPES
+from sefe_fast.roofline import LLAVA_7B_SHAPES
 
 
 def test_model_counts_flops_tiles_and_syncs_of_the_llava_7b_matrices():
