@@ -5,11 +5,36 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+# Names of the temporaries below: `.{target name}.{8 random chars}` (directories) or
+# `.{target name}.{8 random chars}.tmp{suffix}` (files), from tempfile's mkdtemp / mkstemp.
+TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}(\.tmp.*)?$")
+
+
+def remove_stale_temporaries(root: str | os.PathLike) -> int:
+    """Delete the temporaries of this module's writers under `root` (recursively); return
+    how many were removed. Call it only while no writer can be running there (a killed run
+    leaves them behind; `sefe_fast.run_lock` calls it once it holds the run's lock)."""
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    stale = [p for p in root.rglob(".*") if TEMPORARY_NAME.match(p.name)]
+    removed = 0
+    for path in sorted(stale, key=lambda p: len(p.parts)):  # a folder before its contents
+        if not path.exists() and not path.is_symlink():
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 @contextlib.contextmanager
