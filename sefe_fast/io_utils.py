@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -37,6 +38,38 @@ def remove_stale_temporaries(root: str | os.PathLike) -> int:
     return removed
 
 
+# Below this many free bytes a failed write is taken to be the full disk's doing: writers
+# such as torch.save report a full disk as "unexpected pos ..." without an errno.
+DISK_FULL_FREE_BYTES = 1 << 20
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk is full (errno ENOSPC); earlier files are intact."""
+
+
+def raise_if_disk_full(error: BaseException, target: Path) -> None:
+    """Raise DiskFullError naming `target` if `error` (from writing it) came from a full
+    disk: ENOSPC anywhere in its chain, or under DISK_FULL_FREE_BYTES left; else return."""
+    if not isinstance(error, Exception) or isinstance(error, DiskFullError):
+        return
+    chain: BaseException | None = error
+    enospc = False
+    while chain is not None and not enospc:
+        enospc = isinstance(chain, OSError) and chain.errno == errno.ENOSPC
+        chain = chain.__cause__ or chain.__context__
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        free = None
+    if enospc or (free is not None and free < DISK_FULL_FREE_BYTES):
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"no space left on device while writing {target} ({free} bytes free; the write "
+            f"failed with: {error}). The file was not replaced and earlier files are intact: "
+            "free some space, then rerun the same command to resume",
+        ) from error
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it over `path`, else delete it.
@@ -54,8 +87,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        raise_if_disk_full(error, target)
         raise
 
 
@@ -74,8 +108,9 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise_if_disk_full(error, path)
         raise
 
 

@@ -2,6 +2,7 @@
 
 import math
 import random
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -308,7 +309,10 @@ def test_shared_prompt_prefix_gives_the_same_loss_and_gradients():
     grads = []
     for p in (0, prefix):
         model.zero_grad()
-        out = forward_with_shared_prefix(model, model, batch, n_items, p)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = forward_with_shared_prefix(model, model, batch, n_items, p)
+        assert not [w for w in caught if "past_key_values" in str(w.message)]
         out.loss.backward()
         grads.append(
             (

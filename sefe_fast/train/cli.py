@@ -12,6 +12,8 @@ import argparse
 import sys
 from typing import Any
 
+from sefe_fast.data.coin import CoinDataError
+from sefe_fast.io_utils import DiskFullError
 from sefe_fast.run_lock import RunDirLockedError
 from sefe_fast.train.checkpoint import RunMismatchError, RunStateError
 from sefe_fast.train.config import (
@@ -26,6 +28,7 @@ from sefe_fast.train.config import (
 from sefe_fast.train.continual import run_continual
 from sefe_fast.train.loop import NonFiniteLossError
 from sefe_fast.train.presets import PRESETS, REQUIRES_MODEL_AND_DATA
+from sefe_fast.train.stage_eval import TestSetError
 
 GROUPS = ("model", "data", "method", "training", "speed")
 SCALARS = {"int": int, "float": float}
@@ -126,7 +129,15 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
 
 # Errors about the run directory or the input that the message explains in full: printed as
 # one line (no traceback), exit status 1. Anything else keeps its traceback.
-EXPLAINED_ERRORS = (RunDirLockedError, RunMismatchError, RunStateError, NonFiniteLossError)
+EXPLAINED_ERRORS = (
+    RunDirLockedError,
+    RunMismatchError,
+    RunStateError,
+    NonFiniteLossError,
+    TestSetError,
+    CoinDataError,
+    DiskFullError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

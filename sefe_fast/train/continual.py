@@ -59,6 +59,7 @@ from sefe_fast.run_layout import (
 from sefe_fast.run_lock import hold_run_dir
 from sefe_fast.train.checkpoint import (
     RunState,
+    RunStateError,
     config_fingerprint,
     load_train_state,
     read_json_file,
@@ -137,6 +138,7 @@ class ContinualRun:
         self.evaluator = StageEvaluator(
             cfg, dist, self.bundle, self.data_dir, self.image_root, self.accel, self.sharded
         )
+        self.evaluator.check_test_sets(cfg.tasks)  # a bad test file stops the run here
 
     # ------------------------------------------------------------------ setup
 
@@ -239,8 +241,19 @@ class ContinualRun:
     def load_saved_stage(self, model: torch.nn.Module, stage: int, task: str):
         """The stage's saved LoRA (and projector) on `model`, as a peft model."""
         directory = adapter_dir(self.run_dir, stage, task)
-        peft_model = load_adapter(model, directory)
-        load_projector(peft_model, directory / PROJECTOR_FILE)
+        try:
+            peft_model = load_adapter(model, directory)
+            load_projector(peft_model, directory / PROJECTOR_FILE)
+        except Exception as error:  # safetensors, peft and json raise several types
+            fix = (
+                "restore it from a copy, or start over with --restart"
+                if stage in self.state.completed
+                else "delete that folder to train the stage again"
+            )
+            raise RunStateError(
+                f"{directory}: the saved adapter of stage {stage} ({task}) cannot be read "
+                f"({type(error).__name__}: {error}); {fix}"
+            ) from error
         return peft_model
 
     def train_stage(self, model: torch.nn.Module, stage: int, task: str):
