@@ -76,6 +76,15 @@ def test_changed_settings_after_a_kill_are_refused_and_restart_starts_over(tmp_p
     assert _log_steps(run) == ALL_STEPS  # task 1 trained afresh, its old rows gone
 
 
+def test_a_run_that_did_nothing_yet_does_not_bind_its_directory(tmp_path):
+    RunState.fresh("f", ["ScienceQA"], {"lr": 1.0}).save(tmp_path)  # stopped before step 1
+    state = RunState.load_or_fresh(tmp_path, "g", ["TextVQA"], {"lr": 2.0})
+    assert (state.fingerprint, state.tasks, state.config) == ("g", ["TextVQA"], {"lr": 2.0})
+    (tmp_path / "train_log.jsonl").write_text("")  # it trained: now the settings must match
+    with pytest.raises(RunMismatchError, match=r"--lr 1\.0 → 2\.0"):
+        RunState.load_or_fresh(tmp_path, "g", ["TextVQA"], {"lr": 2.0})
+
+
 def test_stray_progress_without_run_state_is_not_resumed(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(RunMismatchError, match=r"checkpoints but no run_state\.json"):
@@ -97,6 +106,8 @@ def test_second_run_fails_at_once_and_a_killed_runs_lock_and_temporaries_are_cle
         first = start_smoke(run, cache, log_file=log_file)
         try:
             _wait_for(lambda: list((run / "checkpoints").glob("*.pt")), "checkpoint", first)
+            # Paused, the first run stays mid-task however long the second takes to start.
+            first.send_signal(signal.SIGSTOP)
             second = run_smoke(run, cache, "--method", "lora")
             assert second.returncode == 1, second.stderr[-3000:]
             assert "another run is writing into" in second.stderr

@@ -81,6 +81,9 @@ class RunState:
                 )
             return cls.fresh(fingerprint, tasks, config)
         saved = read_json_file(path, what="the run's progress")
+        nothing_done = [p.name for p in progress_paths(run_dir)] == [path.name]
+        if nothing_done:  # stopped before its first step (e.g. by a bad test file)
+            return cls.fresh(fingerprint, tasks, config)
         if saved.get("fingerprint") != fingerprint or saved.get("tasks") != list(tasks):
             raise RunMismatchError(
                 f"{run_dir} holds a run with other settings: "

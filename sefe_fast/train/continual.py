@@ -51,7 +51,6 @@ from sefe_fast.run_layout import (
     predictions_path,
     remove_progress,
     results_path,
-    run_state_path,
     stage_name,
     train_log_path,
     train_state_path,
@@ -213,8 +212,7 @@ class ContinualRun:
             saved_state = RunState.load_or_fresh(
                 self.run_dir, self.fingerprint, cfg.tasks, self.fingerprinted_config()
             )
-            if not run_state_path(self.run_dir).is_file():
-                saved_state.save(self.run_dir)
+            saved_state.save(self.run_dir)  # unchanged when resumed; written when fresh
         state: RunState = broadcast_object(saved_state)
         if state.completed:
             self.method.load_state_dict(state.method_state, self.run_dir)
