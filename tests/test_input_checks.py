@@ -16,7 +16,7 @@ from sefe_fast.model.accel import AccelConfig
 from sefe_fast.model.tiny import TinyConfig, build_tiny_model
 from sefe_fast.train.config import RunConfig
 from sefe_fast.train.distributed import DistContext
-from sefe_fast.train.stage_eval import StageEvaluator, TestSetError
+from sefe_fast.train.stage_eval import BadTestSetError, StageEvaluator
 
 DIST = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 SMALL = TinyConfig(text_layers=1, text_hidden=32, text_heads=2, text_intermediate=64)
@@ -60,7 +60,7 @@ def test_a_good_test_file_passes(tmp_path):
     ],
 )
 def test_bad_test_files_are_named_before_training(tmp_path, records, settings, message):
-    with pytest.raises(TestSetError, match=message):
+    with pytest.raises(BadTestSetError, match=message):
         _check(_data(tmp_path, "ScienceQA", records), **settings)
 
 
@@ -69,7 +69,7 @@ def test_a_truncated_test_image_is_found_up_front(tmp_path):
     Image.effect_noise((32, 32), 64).convert("RGB").save(png)
     cut = png.read_bytes()[: len(png.read_bytes()) // 2]  # header intact, pixels cut short
     root = _data(tmp_path / "d", "ScienceQA", [_record("q1")], image_bytes=cut)
-    with pytest.raises(TestSetError, match=r"test\.json: record 'q1': .*img\.png"):
+    with pytest.raises(BadTestSetError, match=r"test\.json: record 'q1': .*img\.png"):
         _check(root)
 
 

@@ -28,7 +28,7 @@ from sefe_fast.train.config import (
 from sefe_fast.train.continual import run_continual
 from sefe_fast.train.loop import NonFiniteLossError
 from sefe_fast.train.presets import PRESETS, REQUIRES_MODEL_AND_DATA
-from sefe_fast.train.stage_eval import TestSetError
+from sefe_fast.train.stage_eval import BadTestSetError
 
 GROUPS = ("model", "data", "method", "training", "speed")
 SCALARS = {"int": int, "float": float}
@@ -134,7 +134,7 @@ EXPLAINED_ERRORS = (
     RunMismatchError,
     RunStateError,
     NonFiniteLossError,
-    TestSetError,
+    BadTestSetError,
     CoinDataError,
     DiskFullError,
 )

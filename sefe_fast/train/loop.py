@@ -404,11 +404,10 @@ def train_task(
             )
         # Clipping computes the global norm anyway; without clipping it costs one pass over the
         # (LoRA-sized) gradients.
-        grads = [p.grad for p in params if p.grad is not None]
         grad_norm = float(
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if cfg.max_grad_norm > 0
-            else torch.nn.utils.get_total_norm(grads)
+            else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         )
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(

@@ -32,7 +32,7 @@ from sefe_fast.train.config import RunConfig
 from sefe_fast.train.distributed import DistContext, gather_objects
 
 
-class TestSetError(ValueError):
+class BadTestSetError(ValueError):
     """A test file that cannot be evaluated; the message names the file and the record."""
 
 
@@ -78,7 +78,7 @@ class StageEvaluator:
         if self.cfg.max_test_per_task is not None:
             records = records[: self.cfg.max_test_per_task]
         if not records:
-            raise TestSetError(f"{self.data_dir / task / 'test.json'}: no test records")
+            raise BadTestSetError(f"{self.data_dir / task / 'test.json'}: no test records")
         shard = list(range(self.dist.rank, len(records), self.dist.world_size))
         if self.sharded and not shard:
             shard = [0]  # lockstep decoding needs a prompt on every rank; rank 0's answer is kept
@@ -101,7 +101,7 @@ class StageEvaluator:
 
     def check_test_sets(self, tasks: list[str]) -> None:
         """Prepare and check every task's test set up front (module docstring); ValueError
-        naming the test file, the record and the problem (TestSetError)."""
+        naming the test file, the record and the problem (BadTestSetError)."""
         for task in tasks:
             test_file = self.data_dir / task / "test.json"
             test = self.test_set(task)
@@ -109,17 +109,17 @@ class StageEvaluator:
             for record in test.records:
                 where = f"{test_file}: record {record.question_id!r}"
                 if record.question_id in seen:
-                    raise TestSetError(f"{where}: question_id repeated (each must be unique)")
+                    raise BadTestSetError(f"{where}: question_id repeated (each must be unique)")
                 seen.add(record.question_id)
                 try:
                     score(task, "", record.gold)
                 except (ValueError, TypeError) as problem:
-                    raise TestSetError(
+                    raise BadTestSetError(
                         f"{where}: the scorer cannot read the gold answer: {problem}"
                     ) from problem
             for i, prompt in zip(test.shard, test.prompts):
                 if len(prompt) > self.cfg.max_length:
-                    raise TestSetError(
+                    raise BadTestSetError(
                         f"{test_file}: record {test.records[i].question_id!r}: its prompt is "
                         f"{len(prompt)} tokens, over --max-length {self.cfg.max_length}; "
                         "shorten or remove the question"
@@ -129,11 +129,11 @@ class StageEvaluator:
                     self._pixels(test_file, test.records[i])
 
     def _pixels(self, test_file: Path, record: Any) -> torch.Tensor:
-        """The record's processed image; TestSetError naming test file and record."""
+        """The record's processed image; BadTestSetError naming test file and record."""
         try:
             return image_to_pixel_values(load_image(record.image), self.bundle.image_processor)
         except (ValueError, OSError) as problem:
-            raise TestSetError(
+            raise BadTestSetError(
                 f"{test_file}: record {record.question_id!r}: {problem} (replace the image, "
                 "or drop the record)"
             ) from problem
