@@ -52,6 +52,7 @@ from sefe_fast.train.distributed import (
     DistContext,
     all_reduce_sum,
     average_gradients,
+    barrier,
     gather_objects,
 )
 from sefe_fast.train.train_log import TrainLog
@@ -284,6 +285,10 @@ def _maybe_fail_for_test() -> None:
     _steps_done_in_process += 1
     limit = os.environ.get(FAIL_AFTER_STEPS_ENV)
     if limit and _steps_done_in_process >= int(limit):
+        # Every rank waits until rank 0 has written this step's checkpoint: a rank exiting
+        # first makes torchrun kill rank 0 mid-write, and the test would not know which
+        # checkpoint survived.
+        barrier()
         os._exit(86)  # abrupt, no cleanup: what a SIGKILL leaves behind
 
 
