@@ -36,6 +36,11 @@ from tqdm import tqdm
 
 from sefe_fast.io_utils import atomic_write_jsonl
 from sefe_fast.metrics import continual_metrics
+from sefe_fast.prediction_check import (
+    check_rows_answer_test,
+    expected_question_ids,
+    locate_test_data,
+)
 from sefe_fast.run_layout import (
     parse_stage_name,
     predictions_root,
@@ -319,15 +324,29 @@ def forgetting_breakdown(run_dir: str | Path, legacy: bool = False) -> dict[str,
     return _breakdown(_load_run(run_dir), legacy)
 
 
-def rescore_run(run_dir: str | Path, legacy: bool = False) -> dict[str, Any]:
+def rescore_run(
+    run_dir: str | Path, legacy: bool = False, data_dir: str | Path | None = None
+) -> dict[str, Any]:
     """Rebuild a run's accuracy matrix, metrics and forgetting breakdown from its prediction files.
 
     Task order comes from `run_dir/results.json` when present, else from the stage folder
-    names. Returns `{"run_dir", "tasks", "legacy", "accuracy": T x T (percent, None where
-    not evaluated), "scores": T x T of TaskScore dicts or None, "metrics":
-    continual_metrics(accuracy), "breakdown": forgetting_breakdown}`.
+    names. Every prediction file is first checked against the test records the run
+    evaluated (`sefe_fast.prediction_check`; the data from results.json, or `data_dir`):
+    a missing or invented row is an error. Returns `{"run_dir", "tasks", "legacy",
+    "accuracy": T x T (percent, None where not evaluated), "scores": T x T of TaskScore
+    dicts or None, "metrics": continual_metrics(accuracy), "breakdown":
+    forgetting_breakdown, "test_data": the data folder checked against, or None when it
+    could not be found (then the files were not checked)}`.
     """
     run = _load_run(run_dir)
+    test_data = locate_test_data(run_dir, data_dir)
+    if test_data is not None:
+        expected = {
+            task: expected_question_ids(run_dir, task, test_data)
+            for task in run.tasks[: run.n_stages]
+        }
+        for (_, index), (path, rows) in sorted(run.cells.items()):
+            check_rows_answer_test(path, rows, expected[run.tasks[index]])
     n_tasks = len(run.tasks)
     accuracy: list[list[float | None]] = [[None] * n_tasks for _ in range(n_tasks)]
     scores: list[list[dict[str, Any] | None]] = [[None] * n_tasks for _ in range(n_tasks)]
@@ -348,6 +367,7 @@ def rescore_run(run_dir: str | Path, legacy: bool = False) -> dict[str, Any]:
         "scores": scores,
         "metrics": continual_metrics(accuracy),
         "breakdown": _breakdown(run, legacy),
+        "test_data": None if test_data is None else str(test_data),
     }
 
 
@@ -396,6 +416,11 @@ def format_summary(result: Mapping[str, Any]) -> str:
         lines.append(
             "(legacy scoring: the public scorers behind the paper's numbers, bugs included)"
         )
+    if result.get("test_data") is None:
+        lines.append(
+            "(predictions NOT checked against the test records: the run's data was not found; "
+            "give it with --data)"
+        )
     return "\n".join(lines)
 
 
@@ -412,9 +437,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the public scorers behind the paper's numbers (SEFE's), bugs included",
     )
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder with <Task>/test.json the predictions are checked against (default: "
+        "the run's, from results.json)",
+    )
     args = parser.parse_args(argv)
     try:
-        result = rescore_run(args.run_dir, legacy=args.legacy)
+        result = rescore_run(args.run_dir, legacy=args.legacy, data_dir=args.data)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

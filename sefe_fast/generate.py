@@ -24,6 +24,7 @@ from sefe_fast.data.conversation import (
     with_image_placeholder,
     without_image_placeholder,
 )
+from sefe_fast.model.kv_cache import cache_kwargs, output_cache
 
 
 def encode_prompt(
@@ -129,7 +130,7 @@ def greedy_generate_batch(
             input_ids=step_ids[:, None],
             attention_mask=attention_mask,
             position_ids=next_positions,
-            past_key_values=out.past_key_values,
+            **cache_kwargs(output_cache(out)),
             use_cache=True,
         )
         next_positions = next_positions + 1

@@ -14,11 +14,16 @@ functions (stage numbers are 1-based, `stage_name` gives the `stage{NN}_{task}` 
     key_elements/stage{NN}_{task}.safetensors     RegLoRA's selected positions
     olora/stage{NN}_{task}.safetensors            O-LoRA's kept lora_A matrices
     predictions/stage{NN}_{task}/{eval_task}.jsonl    greedy answers after stage NN
+    run.lock                                      held by the run writing here (`sefe_fast.run_lock`)
+
+Nothing a run stores refers to the run directory by its own path: files name each other
+relative to it, so a moved or copied run directory resumes as itself.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 RESULTS_FILE = "results.json"
@@ -32,6 +37,21 @@ CHECKPOINTS_DIR = "checkpoints"
 KEY_ELEMENTS_DIR = "key_elements"
 OLORA_DIR = "olora"
 PREDICTIONS_DIR = "predictions"
+LOCK_FILE = "run.lock"
+# What a run's progress consists of: `--restart` removes these (and only these), and a
+# directory holding any of them without `run_state.json` is not resumed blindly.
+PROGRESS_ENTRIES = (
+    RESULTS_FILE,
+    RUN_STATE_FILE,
+    TRAIN_LOG_FILE,
+    REPORT_FILE,
+    ASD_DIR,
+    ADAPTERS_DIR,
+    CHECKPOINTS_DIR,
+    KEY_ELEMENTS_DIR,
+    OLORA_DIR,
+    PREDICTIONS_DIR,
+)
 # A stage folder's name: `stage{NN}_{task}` (NN: 1-based stage, at least two digits).
 STAGE_NAME = re.compile(r"^stage(\d{2,})_(.+)$")
 
@@ -107,3 +127,46 @@ def parse_stage_name(name: str) -> tuple[int, str] | None:
     """(stage, task) of a `stage{NN}_{task}` folder or file stem; None for another name."""
     match = STAGE_NAME.match(name)
     return None if match is None else (int(match.group(1)), match.group(2))
+
+
+def lock_path(run_dir: str | Path) -> Path:
+    """`run_dir/run.lock`: pid, host and start time of the run writing into `run_dir`."""
+    return Path(run_dir) / LOCK_FILE
+
+
+def progress_paths(run_dir: str | Path) -> list[Path]:
+    """The entries of `PROGRESS_ENTRIES` present in `run_dir` (report plots included)."""
+    root = Path(run_dir)
+    found = [root / name for name in PROGRESS_ENTRIES if (root / name).exists()]
+    return found + sorted(root.glob("*.png")) if root.is_dir() else []
+
+
+def relative_to_run(run_dir: str | Path, path: str | Path) -> str:
+    """`path` as stored in the run's own files: relative to `run_dir`, '/'-separated."""
+    return Path(path).relative_to(Path(run_dir)).as_posix()
+
+
+def resolve_in_run(run_dir: str | Path, stored: str) -> Path:
+    """A path stored by `relative_to_run`, inside `run_dir`.
+
+    Runs made before paths were stored relative kept them as typed at launch
+    (`runs/x/key_elements/stage01_ScienceQA.safetensors`); their last two parts (layout
+    folder, file name) are what addresses the file inside the run, wherever it now lives.
+    """
+    path = Path(stored)
+    if path.is_absolute() or len(path.parts) > 2:
+        path = Path(*path.parts[-2:])
+    return Path(run_dir) / path
+
+
+def remove_progress(run_dir: str | Path) -> list[str]:
+    """Delete a run's progress (`progress_paths`) from `run_dir`; return the names removed.
+    The generated mini-CoIN stays (it is reused only when its manifest matches)."""
+    removed = []
+    for path in progress_paths(run_dir):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(path.name)
+    return removed

@@ -98,14 +98,17 @@ def test_reglora_keeps_key_elements_and_penalises_their_positions(tmp_path):
             }
             value = method.extra_loss(peft_model, 0)
             assert value.requires_grad
-            expected = _manual_penalty(factors, method.files, 100.0)
+            expected = _manual_penalty(factors, [tmp_path / f for f in method.files], 100.0)
             assert float(value) == pytest.approx(expected, rel=1e-5)
             value.backward()
             assert all(p.grad is not None for p in lora_parameters(peft_model))
         method.after_task(peft_model, f"T{stage}", stage, tmp_path, write=True)
         model = merge_lora(peft_model)
     files = [key_elements_path(tmp_path, s, f"T{s}") for s in (1, 2)]
-    assert method.state_dict() == {"key_element_files": [str(f) for f in files]}
+    # Stored relative to the run directory (a moved run finds them).
+    assert method.state_dict() == {
+        "key_element_files": [f.relative_to(tmp_path).as_posix() for f in files]
+    }
     saved = load_key_elements(files[0])
     assert len(saved) == SMALL.text_layers * 7
     q = next(n for n in saved if n.endswith("layers.0.self_attn.q_proj"))
@@ -115,7 +118,7 @@ def test_reglora_keeps_key_elements_and_penalises_their_positions(tmp_path):
 
     # A method restored from state_dict gives the same penalty on the same factors.
     restored = build_method("reglora", MethodConfig(reg_lambda=100.0, mask_ratio=0.05))
-    restored.load_state_dict(json.loads(json.dumps(method.state_dict())))
+    restored.load_state_dict(json.loads(json.dumps(method.state_dict())), tmp_path)
     peft_model = attach_lora(model, r=4, alpha=8, dropout=0.0)
     _randomise(peft_model, seed=9)
     method.before_task(peft_model, "T3", 3)

@@ -182,12 +182,14 @@ def test_state_round_trip_restores_identical_stacks_and_penalty(tmp_path):
         _set_A(model, _random_A(stage))
         method.after_task(model, task, stage, tmp_path, write=True)
     state = json.loads(json.dumps(method.state_dict()))  # it must be JSON-ready
-    assert state == {
-        "olora_files": [str(olora_path(tmp_path, 1, "A")), str(olora_path(tmp_path, 2, "B"))]
-    }
+    assert state == {"olora_files": ["olora/stage01_A.safetensors", "olora/stage02_B.safetensors"]}
 
+    # Paths are relative to the run directory: the state resumes in a moved copy.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "olora").rename(moved / "olora")
     restored = OLoRAMethod(MethodConfig())
-    restored.load_state_dict(state)
+    restored.load_state_dict(state, moved)
     assert restored.files == method.files
     assert set(restored.a_old) == set(method.a_old)
     for name in method.a_old:
@@ -202,7 +204,7 @@ def test_write_false_keeps_the_path_but_writes_nothing(tmp_path):
     model = _peft(_llama())
     method = OLoRAMethod(MethodConfig())
     method.after_task(model, "A", 1, tmp_path, write=False)
-    assert method.files == [str(olora_path(tmp_path, 1, "A"))]
+    assert method.files == [olora_path(tmp_path, 1, "A").relative_to(tmp_path).as_posix()]
     assert not (tmp_path / "olora").exists()
 
 
@@ -213,7 +215,7 @@ def test_bad_files_and_mismatched_models_are_named(tmp_path):
     path = olora_path(tmp_path, 1, "A")
 
     with pytest.raises(OLoRAFileError, match="not found"):
-        OLoRAMethod(MethodConfig()).load_state_dict({"olora_files": [str(tmp_path / "x")]})
+        OLoRAMethod(MethodConfig()).load_state_dict({"olora_files": ["olora/x"]}, tmp_path)
     path.write_bytes(path.read_bytes()[:40])  # truncated
     with pytest.raises(OLoRAFileError, match=str(path.name)):
         load_subspace(path)

@@ -1,39 +1,16 @@
 """The continual driver: outputs, the method seam, and kill-then-resume = uninterrupted."""
 
 import json
-import os
-import subprocess
-import sys
 from typing import ClassVar
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from smoke_run import ARGS, TASKS, run_smoke
 
 from sefe_fast.methods import METHODS, ContinualMethod
 from sefe_fast.train.cli import parse_config
 from sefe_fast.train.continual import run_continual
-from sefe_fast.train.loop import FAIL_AFTER_STEPS_ENV
-
-TASKS = "ScienceQA,TextVQA"
-# 2 tasks x 4 steps of 4 samples, checkpoints every 2 steps, 8 test records per task.
-ARGS = [
-    "coin",
-    "--preset",
-    "smoke",
-    "--tasks",
-    TASKS,
-    "--stage0-steps",
-    "2",
-    "--global-batch-size",
-    "4",
-    "--per-device-batch-size",
-    "4",
-    "--minicoin-n-train",
-    "24",
-    "--minicoin-n-test",
-    "8",
-]
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +20,7 @@ def cache(tmp_path_factory):
 
 
 def _run(out, cache, *extra, fail_after=None):
-    env = {**os.environ, "SEFE_FAST_CACHE": str(cache)}
-    env.pop(FAIL_AFTER_STEPS_ENV, None)
-    if fail_after is not None:
-        env[FAIL_AFTER_STEPS_ENV] = str(fail_after)
-    cmd = [sys.executable, "-m", "sefe_fast.train", *ARGS, "--output-dir", str(out), *extra]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return run_smoke(out, cache, *extra, fail_after=fail_after)
 
 
 def _adapter_weights(run):

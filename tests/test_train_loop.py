@@ -2,18 +2,25 @@
 
 import math
 import random
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 from sefe_fast.model.accel import AccelConfig
-from sefe_fast.train.checkpoint import load_train_state, save_train_state
+from sefe_fast.train.checkpoint import (
+    RunMismatchError,
+    RunStateError,
+    load_train_state,
+    save_train_state,
+)
 from sefe_fast.train.distributed import DistContext
 from sefe_fast.train.loop import (
     BatchSchedule,
     LoopConfig,
     NonFiniteLossError,
+    check_finite_weights,
     count_label_tokens,
     train_task,
 )
@@ -166,6 +173,59 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in saved["trainable"].values())
 
 
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_non_finite_gradient_with_finite_loss_stops_before_the_step(max_grad_norm):
+    """sqrt at 0: the penalty's value is 0 (finite loss) but its gradient is inf · 0 = NaN."""
+    cfg = LoopConfig(per_device_batch_size=4, max_steps=3, max_grad_norm=max_grad_norm)
+    model = ToyLM()
+    before_last = {}
+
+    def poison(m, step):
+        if step < 2:
+            return None
+        before_last.update({n: p.detach().clone() for n, p in m.named_parameters()})
+        return torch.sqrt((m.head.weight * 0).sum())
+
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradient .* at optimizer step 3"):
+        _train(cfg, model=model, extra_loss=poison)
+    # The NaN never reached the weights: they are those after step 2.
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all()
+        assert torch.equal(param.detach(), before_last[name]), name
+
+
+def test_non_finite_weights_are_never_saved_as_a_stage():
+    model = ToyLM()
+    check_finite_weights(model, "stage 1 T")  # finite: nothing happens
+    with torch.no_grad():
+        model.head.bias[3] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"stage 1 T: trainable weight head\.bias"):
+        check_finite_weights(model, "stage 1 T")
+
+
+def test_checkpoint_of_other_settings_or_damaged_is_refused(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    save_train_state(path, {"step": 2}, "aaaa")
+    assert load_train_state(path, "aaaa")["step"] == 2
+    with pytest.raises(RunMismatchError, match=r"other settings.*--restart"):
+        load_train_state(path, "bbbb")
+    path.write_bytes(path.read_bytes()[:50])  # truncated by a full disk or a copy
+    with pytest.raises(RunStateError, match=r"ckpt\.pt: the in-task checkpoint cannot be read"):
+        load_train_state(path, "aaaa")
+
+
+def test_a_restarted_phase_replaces_the_killed_attempts_log_rows(tmp_path):
+    """Killed before its first checkpoint, a phase restarts at step 0: its old rows go."""
+    log = TrainLog(tmp_path / "log.jsonl")
+    log.append({"phase": "other", "step": 5})
+    log.append({"phase": "t", "step": 1})
+    log.append({"phase": "t", "step": 2})
+    cfg = LoopConfig(per_device_batch_size=4, max_steps=3, log_every=1)
+    _train(cfg, log=TrainLog(tmp_path / "log.jsonl"), log_fields={"phase": "t"})
+    rows = TrainLog(tmp_path / "log.jsonl").rows
+    assert [(r["phase"], r["step"]) for r in rows] == [("other", 5), ("t", 1), ("t", 2), ("t", 3)]
+
+
 def test_resume_from_checkpoint_matches_uninterrupted(tmp_path):
     cfg = LoopConfig(per_device_batch_size=4, max_steps=7, save_every=3, seed=2)
     full, _ = _train(cfg)
@@ -249,7 +309,10 @@ def test_shared_prompt_prefix_gives_the_same_loss_and_gradients():
     grads = []
     for p in (0, prefix):
         model.zero_grad()
-        out = forward_with_shared_prefix(model, model, batch, n_items, p)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = forward_with_shared_prefix(model, model, batch, n_items, p)
+        assert not [w for w in caught if "past_key_values" in str(w.message)]
         out.loss.backward()
         grads.append(
             (

@@ -75,6 +75,10 @@ class LoadStats:
     n_truncated: int = 0
     n_no_answer_dropped: int = 0
     n_bad_skipped: int = 0
+    # Tokens the tokenizer could not represent (they became its unknown token), and the
+    # records holding any: the tiny model's character vocabulary is printable ASCII only.
+    n_unknown_tokens: int = 0
+    n_records_with_unknown: int = 0
     skipped_reasons: list[str] = field(default_factory=list)
     problem_counts: dict[str, int] = field(default_factory=dict)
 
@@ -90,6 +94,11 @@ class LoadStats:
             f"{self.n_truncated} truncated, {self.n_no_answer_dropped} dropped with no answer "
             f"token after truncation, {self.n_bad_skipped} bad records skipped"
         )
+        if self.n_unknown_tokens:
+            line += (
+                f"; {self.n_unknown_tokens} characters unknown to the tokenizer (in "
+                f"{self.n_records_with_unknown} records) became its unknown token"
+            )
         if self.problem_counts:
             kinds = sorted(self.problem_counts.items())
             line += " [" + "; ".join(f"{kind}: {n}" for kind, n in kinds) + "]"
@@ -143,25 +152,28 @@ def _check_image_field(image: Any) -> None:
         )
 
 
-def _record_image(record: dict[str, Any], image_root: Path, verify_images: bool) -> Path | None:
-    """The record's resolved image path, or None for a text-only record (no or null `image`)."""
+def _record_image(
+    record: dict[str, Any], image_root: Path, verify_images: bool, decode: bool = False
+) -> Path | None:
+    """The record's resolved image path, or None for a text-only record (no or null `image`)
+    (`decode`: decode the whole image, not just its header)."""
     image = record.get("image")
     if image is None:
         return None
     _check_image_field(image)
     image_path = image_root / image
     if verify_images:
-        check_image_readable(image_path)
+        check_image_readable(image_path, decode=decode)
     elif not image_path.is_file():
         raise FileNotFoundError(f"image file not found: {image_path}")
     return image_path
 
 
 def _check_train_record(
-    record: Any, image_root: Path, verify_images: bool
+    record: Any, image_root: Path, verify_images: bool, decode: bool = False
 ) -> tuple[str, Path | None]:
     """Validate one train record; return (id, image path or None if text-only) or raise
-    ValueError with the problem."""
+    ValueError with the problem (`decode`: decode the whole image, not just its header)."""
     if not isinstance(record, dict):
         raise ValueError(f"not a JSON object ({type(record).__name__})")
     for key in ("id", "conversations"):
@@ -189,7 +201,7 @@ def _check_train_record(
             )
         if IMAGE_TOKEN not in conversations[0]["value"]:
             raise ValueError(f"{IMAGE_TOKEN} must be in the first human turn")
-    return str(record["id"]), _record_image(record, image_root, verify_images)
+    return str(record["id"]), _record_image(record, image_root, verify_images, decode)
 
 
 def _fail_or_skip(
@@ -211,9 +223,11 @@ def _tokenize_batch(
     num_image_tokens: int,
     max_length: int,
 ) -> dict[str, list[Any]]:
-    """datasets.map function: rendered conversations → input_ids, labels, truncated."""
+    """datasets.map function: rendered conversations → input_ids, labels, truncated, n_unknown
+    (tokens that became the tokenizer's unknown token)."""
     placeholder_id = image_placeholder_id(tokenizer)
-    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "truncated": []}
+    unknown_id = tokenizer.unk_token_id
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "truncated": [], "n_unknown": []}
     texts, spans = [], []
     for conversations in batch["conversations"]:
         text, answer_spans = render_conversation(json.loads(conversations), tokenizer.eos_token)
@@ -233,6 +247,7 @@ def _tokenize_batch(
         out["input_ids"].append(tokenized.input_ids)
         out["labels"].append(tokenized.labels)
         out["truncated"].append(tokenized.truncated)
+        out["n_unknown"].append(0 if unknown_id is None else ids.count(unknown_id))
     return out
 
 
@@ -276,7 +291,13 @@ class CoinTrainDataset(TorchDataset):
         cached = self._pixel_cache.get(image_path)
         if cached is not None:
             return cached
-        pixels = image_to_pixel_values(load_image(image_path), self.image_processor)
+        try:
+            pixels = image_to_pixel_values(load_image(image_path), self.image_processor)
+        except (ValueError, OSError) as problem:
+            raise CoinDataError(
+                f"training image {image_path}: {problem}; replace it, or rerun with --skip-bad "
+                "(which decodes every image before training and skips unreadable ones)"
+            ) from problem
         size = pixels.numel() * pixels.element_size()
         if self._cached_bytes + size <= self.pixel_cache_bytes:
             self._pixel_cache[image_path] = pixels
@@ -319,13 +340,17 @@ def load_train_dataset(
     root = Path(image_root)
     stats = LoadStats(source=str(source))
     records = read_json_records(source)
+    if not records:
+        raise CoinDataError(f"{source}: the training file holds no records")
     stats.n_records = len(records)
     image_placeholder_id(tokenizer)  # fail early on a tokenizer without <image>
 
     columns: dict[str, list[Any]] = {"id": [], "image": [], "conversations": []}
     for index, record in enumerate(records):
         try:
-            record_id, image_path = _check_train_record(record, root, verify_images)
+            # With skip_bad every image is decoded now: one that is cut short must be skipped
+            # here, not crash the loop mid-task (without skip_bad only headers are read).
+            record_id, image_path = _check_train_record(record, root, verify_images, skip_bad)
         except (ValueError, OSError) as problem:
             _fail_or_skip(stats, skip_bad, source, _record_label(record, index, "id"), problem)
             continue
@@ -333,6 +358,8 @@ def load_train_dataset(
         columns["image"].append(str(image_path) if image_path is not None else "")
         # JSON text keeps the Arrow schema flat whatever extra keys the turns carry.
         columns["conversations"].append(json.dumps(record["conversations"]))
+    if not columns["id"]:
+        raise CoinDataError(f"{source}: no usable training record ({stats.summary()})")
 
     params = {
         "image_token_id": image_token_id,
@@ -340,6 +367,7 @@ def load_train_dataset(
         "max_length": max_length,
     }
     table = datasets.Dataset.from_dict(columns)
+    cache_params = {**params, "columns": "n_unknown"}  # a cache made before that column: stale
     map_kwargs: dict[str, Any] = {
         "function": _tokenize_batch,
         "fn_kwargs": {"tokenizer": tokenizer, **params},
@@ -350,7 +378,7 @@ def load_train_dataset(
         "desc": f"tokenising {source.name}",
     }
     if cache_dir is not None:
-        cache_file = _cache_file(cache_dir, source, tokenizer, params)
+        cache_file = _cache_file(cache_dir, source, tokenizer, cache_params)
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         map_kwargs["cache_file_name"] = str(cache_file)
         map_kwargs["load_from_cache_file"] = True
@@ -361,6 +389,9 @@ def load_train_dataset(
 
     truncated = tokenized["truncated"]
     stats.n_truncated = int(sum(truncated))
+    unknown = tokenized["n_unknown"]
+    stats.n_unknown_tokens = int(sum(unknown))
+    stats.n_records_with_unknown = sum(1 for n in unknown if n)
     keep = []
     for index, (labels, record_id) in enumerate(zip(tokenized["labels"], tokenized["id"])):
         if any(label != IGNORE_INDEX for label in labels):
@@ -375,9 +406,16 @@ def load_train_dataset(
     if len(keep) < len(tokenized):
         tokenized = tokenized.select(keep)
     stats.n_kept = len(tokenized)
-    if stats.n_truncated or stats.n_no_answer_dropped or stats.n_bad_skipped:
+    if (
+        stats.n_truncated
+        or stats.n_no_answer_dropped
+        or stats.n_bad_skipped
+        or stats.n_unknown_tokens
+    ):
         logger.warning(stats.summary())
-    return CoinTrainDataset(tokenized.remove_columns(["truncated"]), image_processor), stats
+    return CoinTrainDataset(
+        tokenized.remove_columns(["truncated", "n_unknown"]), image_processor
+    ), stats
 
 
 class _quiet_progress:

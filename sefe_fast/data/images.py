@@ -30,14 +30,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ValueError(f"unreadable image: {path}: {error}") from error
 
 
-def check_image_readable(path: str | os.PathLike) -> None:
-    """Cheap check that `path` is an image PIL can identify (reads the header only)."""
+def check_image_readable(path: str | os.PathLike, decode: bool = False) -> None:
+    """Check that `path` is an image PIL can identify (the header only: cheap), or with
+    `decode` that its pixels decode to the end (a truncated file passes the header check)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as handle:
             handle.size  # noqa: B018  (touching size forces the header parse)
+            if decode:
+                handle.load()
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"unreadable image: {path}: {error}") from error
 

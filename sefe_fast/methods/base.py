@@ -70,8 +70,8 @@ class ContinualMethod:
         """JSON-ready state needed to resume after a completed stage."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what `state_dict` returned."""
+    def load_state_dict(self, state: dict[str, Any], run_dir: Path) -> None:
+        """Restore what `state_dict` returned (files it names are relative to `run_dir`)."""
 
     def describe(self) -> dict[str, Any]:
         """The method's name and the hyperparameters it uses (for results.json)."""

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from sefe_fast.io_utils import atomic_path
 from sefe_fast.methods.base import ContinualMethod, MethodConfig
 from sefe_fast.reglora import lora_factors
-from sefe_fast.run_layout import olora_path
+from sefe_fast.run_layout import olora_path, relative_to_run, resolve_in_run
 
 FORMAT_NAME = "sefe_fast.olora_subspace"
 FORMAT_VERSION = "1"
@@ -208,22 +208,24 @@ class OLoRAMethod(ContinualMethod):
         if write:
             save_subspace(a_new, path, stage, task)
         self._append(a_new, str(path))
-        self.files.append(str(path))
+        self.files.append(relative_to_run(run_dir, path))
         self._unbind()
 
     def state_dict(self) -> dict[str, Any]:
         """The subspace files of the tasks so far (the matrices live in those files)."""
         return {**super().state_dict(), "olora_files": list(self.files)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Reload and re-concatenate the lora_A of the completed tasks, in task order."""
-        super().load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any], run_dir: Path) -> None:
+        """Reload and re-concatenate the lora_A of the completed tasks, in task order (files
+        in `run_dir`)."""
+        super().load_state_dict(state, run_dir)
         self.files, self.a_old = [], {}
         self._unbind()
-        paths = state.get("olora_files", [])
-        for path in tqdm(paths, desc="O-LoRA subspaces", unit="task", disable=len(paths) < 2):
+        stored = state.get("olora_files", [])
+        for name in tqdm(stored, desc="O-LoRA subspaces", unit="task", disable=len(stored) < 2):
+            path = resolve_in_run(run_dir, name)
             self._append(load_subspace(path), str(path))
-            self.files.append(str(path))
+            self.files.append(relative_to_run(run_dir, path))
 
     def describe(self) -> dict[str, Any]:
         """Name, λ1, λ2 and the stored rank R per module (R = r · #tasks kept)."""

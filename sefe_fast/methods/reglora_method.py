@@ -23,7 +23,7 @@ from sefe_fast.reglora import (
     merge_key_elements,
     save_key_elements,
 )
-from sefe_fast.run_layout import key_elements_path
+from sefe_fast.run_layout import key_elements_path, relative_to_run, resolve_in_run
 
 
 class RegLoRAMixin(ContinualMethod):
@@ -63,7 +63,7 @@ class RegLoRAMixin(ContinualMethod):
         path = key_elements_path(run_dir, stage, task)
         if write:
             save_key_elements(selected, path)
-        self.files.append(str(path))
+        self.files.append(relative_to_run(run_dir, path))
         self._merge_in(selected)
 
     def _merge_in(self, selected: dict[str, Any]) -> None:
@@ -81,13 +81,14 @@ class RegLoRAMixin(ContinualMethod):
         """The key-element files of the tasks so far (the positions live in those files)."""
         return {**super().state_dict(), "key_element_files": list(self.files)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Reload and re-merge the key elements of the completed tasks."""
-        super().load_state_dict(state)
+    def load_state_dict(self, state: dict[str, Any], run_dir: Path) -> None:
+        """Reload and re-merge the key elements of the completed tasks (files in `run_dir`)."""
+        super().load_state_dict(state, run_dir)
         self.files, self.merged = [], {}
-        for path in state.get("key_element_files", []):
+        for stored in state.get("key_element_files", []):
+            path = resolve_in_run(run_dir, stored)
             self._merge_in(load_key_elements(path))
-            self.files.append(path)
+            self.files.append(relative_to_run(run_dir, path))
 
     def describe(self) -> dict[str, Any]:
         """Name, λ, mask ratio and penalty backend."""

@@ -9,8 +9,13 @@ starts: each problem is reported on its own line, naming the flag, and the exit 
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
+from sefe_fast.data.coin import CoinDataError
+from sefe_fast.io_utils import DiskFullError
+from sefe_fast.run_lock import RunDirLockedError
+from sefe_fast.train.checkpoint import RunMismatchError, RunStateError
 from sefe_fast.train.config import (
     RunConfig,
     check_overrides,
@@ -21,7 +26,9 @@ from sefe_fast.train.config import (
     validate,
 )
 from sefe_fast.train.continual import run_continual
+from sefe_fast.train.loop import NonFiniteLossError
 from sefe_fast.train.presets import PRESETS, REQUIRES_MODEL_AND_DATA
+from sefe_fast.train.stage_eval import BadTestSetError
 
 GROUPS = ("model", "data", "method", "training", "speed")
 SCALARS = {"int": int, "float": float}
@@ -45,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_value(table["output_dir"][0]),
         help=table["output_dir"][1].help,
     )
+    p.add_argument("--restart", action="store_true", default=None, help=table["restart"][1].help)
     groups = {name: p.add_argument_group(name) for name in GROUPS}
     preset_default = _preset_values("default")
     for name, (f, s) in table.items():
@@ -119,7 +127,25 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     return RunConfig(**values)
 
 
+# Errors about the run directory or the input that the message explains in full: printed as
+# one line (no traceback), exit status 1. Anything else keeps its traceback.
+EXPLAINED_ERRORS = (
+    RunDirLockedError,
+    RunMismatchError,
+    RunStateError,
+    NonFiniteLossError,
+    BadTestSetError,
+    CoinDataError,
+    DiskFullError,
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m sefe_fast.train`."""
-    run_continual(parse_config(argv))
+    cfg = parse_config(argv)
+    try:
+        run_continual(cfg)
+    except EXPLAINED_ERRORS as exc:
+        print(f"sefe_fast: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0

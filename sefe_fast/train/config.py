@@ -32,7 +32,15 @@ def parse_task_list(text: str) -> list[str]:
     unknown = [t for t in tasks if t not in COIN_TASKS]
     if unknown or not tasks:
         raise argparse.ArgumentTypeError(f"unknown tasks {unknown}; choose from {COIN_TASKS}")
+    repeated = _repeated(tasks)
+    if repeated:
+        raise argparse.ArgumentTypeError(f"tasks {repeated} are given more than once")
     return tasks
+
+
+def _repeated(tasks: list[str]) -> list[str]:
+    """Task names that occur more than once (each stage's outputs are named by its task)."""
+    return sorted({t for t in tasks if tasks.count(t) > 1})
 
 
 def parse_task_steps(text: str) -> dict[str, int]:
@@ -110,6 +118,14 @@ class RunConfig:
     output_dir: str = setting(
         "runs/coin",
         "run directory (resumes if present)",
+        "run",
+        fingerprinted=False,
+        in_presets=False,
+    )
+    restart: bool = setting(
+        False,
+        "delete the progress in --output-dir (results, checkpoints, adapters, predictions, "
+        "logs) and start over; without it a rerun with other settings refuses to start",
         "run",
         fingerprinted=False,
         in_presets=False,
@@ -385,6 +401,8 @@ def _problem(name: str, value: Any, f: Field, s: Setting) -> str | None:
         not isinstance(value, list) or not value or any(t not in COIN_TASKS for t in value)
     ):
         return f"{flag(name)} {value!r}: a non-empty list of CoIN task names {list(COIN_TASKS)}"
+    if name == "tasks" and _repeated(value):
+        return f"{flag(name)} {value!r}: tasks {_repeated(value)} are given more than once"
     if name == "task_steps" and (
         not isinstance(value, dict)
         or any(t not in COIN_TASKS or not isinstance(n, int) or n < 1 for t, n in value.items())

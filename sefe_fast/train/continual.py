@@ -12,7 +12,6 @@ restarts from its last in-task checkpoint.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import platform
 import sys
@@ -57,15 +56,19 @@ from sefe_fast.run_layout import (
     adapter_dir,
     minicoin_dir,
     predictions_path,
+    remove_progress,
     results_path,
     stage_name,
     train_log_path,
     train_state_path,
 )
+from sefe_fast.run_lock import hold_run_dir
 from sefe_fast.train.checkpoint import (
     RunState,
+    RunStateError,
     config_fingerprint,
     load_train_state,
+    read_json_file,
     save_train_state,
     seed_everything,
 )
@@ -79,7 +82,7 @@ from sefe_fast.train.distributed import (
     shutdown_distributed,
 )
 from sefe_fast.train.feed import resolve_num_workers
-from sefe_fast.train.loop import LoopConfig, train_task
+from sefe_fast.train.loop import LoopConfig, check_finite_weights, train_task
 from sefe_fast.train.stage0 import load_or_pretrain_tiny
 from sefe_fast.train.stage_eval import StageEvaluator
 from sefe_fast.train.train_log import TrainLog
@@ -91,7 +94,8 @@ def run_continual(cfg: RunConfig) -> dict[str, Any] | None:
     """Run (or resume) the whole continual sequence; return results.json's content on rank 0."""
     dist = init_distributed()
     try:
-        return ContinualRun(cfg, dist).run()
+        with hold_run_dir(cfg.output_dir, enabled=dist.is_main):
+            return ContinualRun(cfg, dist).run()
     finally:
         shutdown_distributed()
 
@@ -110,6 +114,9 @@ class ContinualRun:
         self.run_dir = Path(cfg.output_dir)
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if cfg.restart:
+                removed = remove_progress(self.run_dir)
+                print(f"[sefe_fast] --restart: removed {', '.join(removed) or 'nothing'}")
         barrier()
         self.accel = AccelConfig(
             flash_attn=cfg.flash_attn,
@@ -128,14 +135,17 @@ class ContinualRun:
         if cfg.fsdp and not dist.distributed and dist.is_main:
             print("[sefe_fast] --fsdp with one process: nothing to shard over, running unsharded")
         self.method: ContinualMethod = build_method(cfg.method, subset(MethodConfig, cfg))
-        self.train_log = TrainLog(train_log_path(self.run_dir), enabled=dist.is_main)
         self.timing: dict[str, dict[str, float]] = {}
+        # Before any work: a directory holding another run's progress refuses here.
+        self.fingerprint = config_fingerprint(self.fingerprinted_config())
+        self.state = self.load_state()
+        self.train_log = TrainLog(train_log_path(self.run_dir), enabled=dist.is_main)
         self.data_dir, self.image_root = self.prepare_data()
         self.bundle, self.accel_info = self.build_model()
         self.evaluator = StageEvaluator(
             cfg, dist, self.bundle, self.data_dir, self.image_root, self.accel, self.sharded
         )
-        self.state = self.load_state()
+        self.evaluator.check_test_sets(cfg.tasks)  # a bad test file stops the run here
 
     # ------------------------------------------------------------------ setup
 
@@ -199,24 +209,27 @@ class ContinualRun:
                 )
         return bundle, accel_info
 
+    def fingerprinted_config(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run it resumes."""
+        return {**self.cfg.fingerprinted(), "world_size": self.dist.world_size}
+
     def load_state(self) -> RunState:
-        """This run's saved progress (rank 0 reads, all ranks get it), else a fresh one; a
-        resumed run's method state and timing are restored."""
-        cfg = self.cfg
-        fingerprint = config_fingerprint(
-            {**cfg.fingerprinted(), "world_size": self.dist.world_size}
-        )
-        saved_state = (
-            RunState.load_or_fresh(self.run_dir, fingerprint, cfg.tasks)
-            if self.dist.is_main
-            else None
-        )
+        """This run's saved progress (rank 0 reads, all ranks get it), else a fresh one, saved
+        at once so every later file of the run (checkpoint, adapter) is tied to these
+        settings; a resumed run's method state and timing are restored."""
+        cfg, dist = self.cfg, self.dist
+        saved_state = None
+        if dist.is_main:
+            saved_state = RunState.load_or_fresh(
+                self.run_dir, self.fingerprint, cfg.tasks, self.fingerprinted_config()
+            )
+            saved_state.save(self.run_dir)  # unchanged when resumed; written when fresh
         state: RunState = broadcast_object(saved_state)
         if state.completed:
-            self.method.load_state_dict(state.method_state)
+            self.method.load_state_dict(state.method_state, self.run_dir)
             saved = results_path(self.run_dir)
             if saved.is_file():
-                self.timing = json.loads(saved.read_text()).get("timing", {})
+                self.timing = read_json_file(saved, "the run's results").get("timing", {})
         return state
 
     # ------------------------------------------------------------------ stages
@@ -240,8 +253,19 @@ class ContinualRun:
     def load_saved_stage(self, model: torch.nn.Module, stage: int, task: str):
         """The stage's saved LoRA (and projector) on `model`, as a peft model."""
         directory = adapter_dir(self.run_dir, stage, task)
-        peft_model = load_adapter(model, directory)
-        load_projector(peft_model, directory / PROJECTOR_FILE)
+        try:
+            peft_model = load_adapter(model, directory)
+            load_projector(peft_model, directory / PROJECTOR_FILE)
+        except Exception as error:  # safetensors, peft and json raise several types
+            fix = (
+                "restore it from a copy, or start over with --restart"
+                if stage in self.state.completed
+                else "delete that folder to train the stage again"
+            )
+            raise RunStateError(
+                f"{directory}: the saved adapter of stage {stage} ({task}) cannot be read "
+                f"({type(error).__name__}: {error}); {fix}"
+            ) from error
         return peft_model
 
     def train_stage(self, model: torch.nn.Module, stage: int, task: str):
@@ -283,7 +307,7 @@ class ContinualRun:
                 {"params": projector_parameters(peft_model), "lr": cfg.projector_lr, "name": "proj"}
             )
         ckpt_path = train_state_path(self.run_dir, stage, task)
-        resume = load_train_state(ckpt_path)
+        resume = load_train_state(ckpt_path, self.fingerprint)
         if resume is not None and dist.is_main:
             print(f"[sefe_fast] resuming {task} from step {resume['step']} ({ckpt_path})")
         pad = bundle.tokenizer.pad_token_id
@@ -298,13 +322,14 @@ class ContinualRun:
             extra_loss=self.method.extra_loss,
             log=self.train_log,
             log_fields={"phase": stage_name(stage, task), "stage": stage, "task": task},
-            save_checkpoint=(lambda state: save_train_state(ckpt_path, state))
+            save_checkpoint=(lambda state: save_train_state(ckpt_path, state, self.fingerprint))
             if dist.is_main
             else (lambda state: None),
             resume=resume,
             desc=f"[{stage}/{len(cfg.tasks)}] {task}",
             image_token_id=bundle.image_token_id,
         )
+        check_finite_weights(peft_model, f"stage {stage} {task}")
         self.timing.setdefault(task, {})["train_s"] = result.seconds
         self.timing[task]["tokens_per_s"] = result.tokens_per_s
         if dist.is_main:

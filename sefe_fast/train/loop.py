@@ -2,6 +2,12 @@
 clipping, DDP (or FSDP, `sefe_fast.model.sharding`), periodic checkpoints, a NaN/inf stop,
 and a tqdm bar + JSONL log on rank 0.
 
+Non-finite values stop the task before they reach the weights: the loss is checked before
+the backward's result is used, the global gradient norm (the one clipping computes anyway)
+before each optimizer step, and the trained weights before the stage is saved
+(`check_finite_weights`). The run stops with `NonFiniteLossError` (no step is skipped
+silently) and keeps its last good in-task checkpoint.
+
 One optimizer step consumes `grad_accum` micro-batches per rank. The loss of a step is the
 token-mean cross-entropy over all of the step's answer tokens on all ranks (each
 micro-batch's summed CE is divided by the global token count), so accumulation and data
@@ -40,12 +46,14 @@ from transformers import get_cosine_schedule_with_warmup
 from sefe_fast import paper_defaults as paper
 from sefe_fast.generate import vision_anchor
 from sefe_fast.model.accel import AccelConfig, autocast
+from sefe_fast.model.kv_cache import cache_kwargs, output_cache
 from sefe_fast.model.sharding import is_sharded
 from sefe_fast.train.checkpoint import capture_rng, restore_rng
 from sefe_fast.train.distributed import (
     DistContext,
     all_reduce_sum,
     average_gradients,
+    barrier,
     gather_objects,
 )
 from sefe_fast.train.feed import micro_batch_loader
@@ -57,7 +65,18 @@ _steps_done_in_process = 0
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops, the last checkpoint is kept."""
+    """The loss, a gradient or a weight became NaN or infinite; the run stops, the last
+    checkpoint is kept."""
+
+
+def check_finite_weights(model: torch.nn.Module, what: str) -> None:
+    """NonFiniteLossError naming the first trainable parameter of `model` with a NaN/inf."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not bool(torch.isfinite(param.detach()).all()):
+            raise NonFiniteLossError(
+                f"{what}: trainable weight {name} holds NaN/inf after training; the stage is "
+                "not saved (lower the learning rate or λ and rerun)"
+            )
 
 
 @dataclass(frozen=True)
@@ -251,7 +270,7 @@ def forward_with_shared_prefix(
     if prefix == 0:
         return train_model(**batch, num_items_in_batch=num_items_in_batch)
     ids = batch["input_ids"]
-    cache = model(input_ids=ids[:1, :prefix], use_cache=True).past_key_values
+    cache = output_cache(model(input_ids=ids[:1, :prefix], use_cache=True))
     cache.batch_repeat_interleave(ids.shape[0])
     positions = torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
     return train_model(
@@ -259,7 +278,7 @@ def forward_with_shared_prefix(
         pixel_values=batch.get("pixel_values"),
         attention_mask=batch["attention_mask"],
         labels=batch["labels"][:, prefix:],
-        past_key_values=cache,
+        **cache_kwargs(cache),
         position_ids=positions,
         use_cache=False,
         num_items_in_batch=num_items_in_batch,
@@ -271,6 +290,10 @@ def _maybe_fail_for_test() -> None:
     _steps_done_in_process += 1
     limit = os.environ.get(FAIL_AFTER_STEPS_ENV)
     if limit and _steps_done_in_process >= int(limit):
+        # Every rank waits until rank 0 has written this step's checkpoint: a rank exiting
+        # first makes torchrun kill rank 0 mid-write, and the test would not know which
+        # checkpoint survived.
+        barrier()
         os._exit(86)  # abrupt, no cleanup: what a SIGKILL leaves behind
 
 
@@ -328,8 +351,10 @@ def train_task(
             )
         restore_rng(resume["rng"][dist.rank])
         start = int(resume["step"])
-        if log is not None:
-            log.truncate_after(phase, start)
+    if log is not None:
+        # Rows a killed attempt logged after the step this one starts from (all of them when
+        # it was killed before its first checkpoint) are replaced by this attempt's.
+        log.truncate_after(phase, start)
     train_model = model
     # A sharded model (FSDP) keeps its trainable parameters whole on every rank and averages
     # their gradients itself after the step's micro-batches; otherwise DDP does it.
@@ -404,11 +429,20 @@ def train_task(
                 f"{loss_value}, penalty {penalty_value}); the run stops here and keeps its last "
                 "good checkpoint (lower the learning rate or λ and rerun)"
             )
-        grad_norm = (
-            float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+        # Clipping computes the global norm anyway; without clipping it costs one pass over the
+        # (LoRA-sized) gradients.
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             if cfg.max_grad_norm > 0
-            else float("nan")
+            else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         )
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"{desc}: non-finite gradient (global norm {grad_norm}) at optimizer step "
+                f"{step + 1} with a finite loss ({loss_value}); the step was not applied. The "
+                "run stops here and keeps its last good checkpoint (lower the learning rate or "
+                "λ and rerun)"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

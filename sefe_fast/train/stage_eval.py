@@ -5,6 +5,12 @@ under FSDP every rank decodes in lockstep, so a rank without records repeats rec
 rank 0's answer is kept); rank 0 gathers the answers in test-file order. A task's test set
 (records, encoded prompts, and the processed images while they fit in PIXEL_CACHE_BYTES) is
 prepared once and kept across stages.
+
+`check_test_sets` prepares every task's test set before the first task trains, so a bad
+test file stops the run at its start, not after hours of training: an empty file, a bad
+record (as `load_test_records` checks), a repeated `question_id` (its predictions would
+collide), a prompt longer than `--max-length` tokens, an image that does not decode to the
+end, or a gold answer the task's scorer cannot read.
 """
 
 from __future__ import annotations
@@ -25,9 +31,15 @@ from sefe_fast.data.textvqa import (
 from sefe_fast.generate import encode_prompt, greedy_generate
 from sefe_fast.model.accel import AccelConfig, autocast
 from sefe_fast.model.build import ModelBundle
+from sefe_fast.scoring import score
 from sefe_fast.tasks import decode_length, evaluation_question
 from sefe_fast.train.config import RunConfig
 from sefe_fast.train.distributed import DistContext, gather_objects
+
+
+class BadTestSetError(ValueError):
+    """A test file that cannot be evaluated; the message names the file and the record."""
+
 
 # Processed test images are kept across stages while they fit in this many bytes.
 PIXEL_CACHE_BYTES = 512 << 20
@@ -71,7 +83,7 @@ class StageEvaluator:
         if self.cfg.max_test_per_task is not None:
             records = records[: self.cfg.max_test_per_task]
         if not records:
-            raise ValueError(f"{self.data_dir / task / 'test.json'}: no test records")
+            raise BadTestSetError(f"{self.data_dir / task / 'test.json'}: no test records")
         if task == "TextVQA" and self.cfg.data is not None:  # real CoIN: the ten human answers
             source = find_textvqa_annotations(
                 self.data_dir, self.image_root, self.cfg.textvqa_annotations
@@ -93,22 +105,60 @@ class StageEvaluator:
         ]
         size = bundle.model.config.vision_config.image_size
         cache = len(shard) * 3 * size * size * 4 <= PIXEL_CACHE_BYTES
-        pixels = [self.test_pixels(records[i]) for i in shard] if cache else None
+        test_file = self.data_dir / task / "test.json"
+        pixels = [self._pixels(test_file, records[i]) for i in shard] if cache else None
         self.test_sets[task] = TestSet(records, shard, prompts, pixels)
         return self.test_sets[task]
 
-    def test_pixels(self, record: Any) -> torch.Tensor | None:
-        """A test record's processed image [3, H, W]; None for a text-only question."""
+    def check_test_sets(self, tasks: list[str]) -> None:
+        """Prepare and check every task's test set up front (module docstring); ValueError
+        naming the test file, the record and the problem (BadTestSetError)."""
+        for task in tasks:
+            test_file = self.data_dir / task / "test.json"
+            test = self.test_set(task)
+            seen: set[str] = set()
+            for record in test.records:
+                where = f"{test_file}: record {record.question_id!r}"
+                if record.question_id in seen:
+                    raise BadTestSetError(f"{where}: question_id repeated (each must be unique)")
+                seen.add(record.question_id)
+                try:
+                    score(task, "", record.gold)
+                except (ValueError, TypeError) as problem:
+                    raise BadTestSetError(
+                        f"{where}: the scorer cannot read the gold answer: {problem}"
+                    ) from problem
+            for i, prompt in zip(test.shard, test.prompts):
+                if len(prompt) > self.cfg.max_length:
+                    raise BadTestSetError(
+                        f"{test_file}: record {test.records[i].question_id!r}: its prompt is "
+                        f"{len(prompt)} tokens, over --max-length {self.cfg.max_length}; "
+                        "shorten or remove the question"
+                    )
+            if test.pixels is None:  # not decoded yet: decode once now, then let go
+                for i in test.shard:
+                    self._pixels(test_file, test.records[i])
+
+    def _pixels(self, test_file: Path, record: Any) -> torch.Tensor | None:
+        """The record's processed image [3, H, W] (None for a text-only question);
+        BadTestSetError naming test file and record."""
         if record.image is None:
             return None
-        return image_to_pixel_values(load_image(record.image), self.bundle.image_processor)
+        try:
+            return image_to_pixel_values(load_image(record.image), self.bundle.image_processor)
+        except (ValueError, OSError) as problem:
+            raise BadTestSetError(
+                f"{test_file}: record {record.question_id!r}: {problem} (replace the image, "
+                "or drop the record)"
+            ) from problem
 
     def predictions(self, model: torch.nn.Module, eval_task: str) -> list[dict] | None:
         """Greedy predictions of `model` on `eval_task` (rows in test-file order, rank 0)."""
         test, bundle = self.test_set(eval_task), self.bundle
         pixels = test.pixels
         if pixels is None:
-            pixels = [self.test_pixels(test.records[i]) for i in test.shard]
+            test_file = self.data_dir / eval_task / "test.json"
+            pixels = [self._pixels(test_file, test.records[i]) for i in test.shard]
         outputs = greedy_generate(
             model,
             test.prompts,
