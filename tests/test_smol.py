@@ -128,3 +128,15 @@ def test_one_step_and_generation_through_the_trainer_reuse_the_cache(
         for line in p.read_text().splitlines()
     ]
     assert len(predictions) == 2
+
+
+def test_projector_asset_is_used_only_with_its_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.setattr(smol, "PROJECTOR_ASSET_DIR", tmp_path)
+    right = smol.smol_projector_fingerprint("llm", "tower")
+    assert smol.smol_projector_fingerprint("llm", "tower", smol.SmolStage0Config(steps=3)) != right
+    assert smol.smol_projector_fingerprint("other-llm", "tower") != right
+    assert smol.smol_projector_file(right) is None  # nothing shipped
+    (tmp_path / smol.PROJECTOR_FILE).write_bytes(b"weights")
+    (tmp_path / smol.PROJECTOR_META).write_text(json.dumps({"fingerprint": right}))
+    assert smol.smol_projector_file(right) == tmp_path / smol.PROJECTOR_FILE
+    assert smol.smol_projector_file(smol.smol_projector_fingerprint("llm", "tower2")) is None

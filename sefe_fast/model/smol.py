@@ -24,10 +24,12 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import transformers
 
+from sefe_fast.data.minicoin import STAGE0_VERSION
 from sefe_fast.io_utils import atomic_directory, atomic_write_json
 from sefe_fast.model.tiny import ASSET_DIR as TINY_ASSET_DIR
 from sefe_fast.model.tiny import (
@@ -46,6 +48,21 @@ INSTALL_HINT = (
 PROJECTOR_ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "smol-projector"
 PROJECTOR_FILE = "projector.safetensors"
 PROJECTOR_META = "projector.json"
+
+
+@dataclass(frozen=True)
+class SmolStage0Config:
+    """Projector pretraining (`sefe_fast.train.smol_stage0`): optimizer steps, batch, lr,
+    caption count and the fixed seeds."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_ratio: float = 0.03
+    max_length: int = 160
+    n_train: int = 4800
+    data_seed: int = 0
+    train_seed: int = 0
 
 
 class MissingSmolPackage(ImportError):
@@ -154,9 +171,20 @@ def smol_projector_file(fingerprint: str) -> Path | None:
     return weights
 
 
-def smol_projector_fingerprint(llm_fingerprint: str, tower_fingerprint: str) -> str:
-    """Identity of a pretrained smol projector: the LLM and tower it was trained between."""
-    blob = json.dumps({"llm": llm_fingerprint, "tower": tower_fingerprint}, sort_keys=True)
+def smol_projector_fingerprint(
+    llm_fingerprint: str, tower_fingerprint: str, s0: SmolStage0Config = SmolStage0Config()
+) -> str:
+    """Identity of a pretrained smol projector: the LLM and tower it was trained between,
+    its training settings and the stage-0 captions' generator version."""
+    blob = json.dumps(
+        {
+            "llm": llm_fingerprint,
+            "tower": tower_fingerprint,
+            "stage0": asdict(s0),
+            "minicoin": STAGE0_VERSION,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

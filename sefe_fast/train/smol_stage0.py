@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -33,6 +33,7 @@ from sefe_fast.model.smol import (
     PROJECTOR_ASSET_DIR,
     PROJECTOR_FILE,
     PROJECTOR_META,
+    SmolStage0Config,
     smol_projector_fingerprint,
     smollm2_dir,
     tiny_vision_dir,
@@ -41,20 +42,6 @@ from sefe_fast.model.tiny import default_cache_root
 from sefe_fast.train.distributed import init_distributed, shutdown_distributed
 from sefe_fast.train.loop import LoopConfig, train_task
 from sefe_fast.train.train_log import TrainLog
-
-
-@dataclass(frozen=True)
-class SmolStage0Config:
-    """Projector pretraining: optimizer steps, batch, lr, caption count, seeds."""
-
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup_ratio: float = 0.03
-    max_length: int = 160
-    n_train: int = 4800
-    data_seed: int = 0
-    train_seed: int = 0
 
 
 def pretrain_smol_projector(out_dir: Path, s0: SmolStage0Config) -> Path:
@@ -66,6 +53,7 @@ def pretrain_smol_projector(out_dir: Path, s0: SmolStage0Config) -> Path:
     fingerprint = smol_projector_fingerprint(
         json.loads((llm / CACHE_META).read_text())["fingerprint"],
         json.loads((tower / CACHE_META).read_text())["fingerprint"],
+        s0,
     )
     data_dir = generate_minicoin(
         default_cache_root() / f"minicoin-stage0-seed{s0.data_seed}-n{s0.n_train}",
