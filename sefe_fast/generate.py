@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from sefe_fast.data.conversation import (
+    add_bos,
     build_generation_prompt,
     image_placeholder_id,
     with_image_placeholder,
@@ -35,7 +36,8 @@ def encode_prompt(
     num_image_tokens: int,
     has_image: bool = True,
 ) -> list[int]:
-    """Token ids of the vicuna_v1 generation prompt for `question`, `<image>` expanded.
+    """Token ids of the generation prompt for `question` (the tokenizer's chat template, else
+    vicuna_v1), `<image>` expanded.
 
     With an image, `<image>\\n` is put in front of the question when it has no placeholder
     (LLaVA's eval prompt); the placeholder becomes `num_image_tokens` copies of
@@ -43,10 +45,10 @@ def encode_prompt(
     question and the rest stripped, as the official ScienceQA evaluation does.
     """
     text = with_image_placeholder(question) if has_image else without_image_placeholder(question)
-    prompt = build_generation_prompt(text)
+    prompt = build_generation_prompt(text, tokenizer)
     placeholder = image_placeholder_id(tokenizer)
     ids: list[int] = []
-    for token in tokenizer(prompt)["input_ids"]:
+    for token in tokenizer(prompt, add_special_tokens=add_bos(tokenizer))["input_ids"]:
         if token == placeholder:
             ids.extend([image_token_id] * num_image_tokens)
         else:

@@ -42,10 +42,11 @@ from sefe_fast.data.char_tokenizer import IMAGE_TOKEN
 from sefe_fast.data.conversation import (
     GPT_FROM,
     IGNORE_INDEX,
+    add_bos,
     check_conversation,
     image_placeholder_id,
     labels_from_offsets,
-    render_conversation,
+    render_for,
 )
 from sefe_fast.data.images import check_image_readable, image_to_pixel_values, load_image
 
@@ -230,10 +231,10 @@ def _tokenize_batch(
     out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "truncated": [], "n_unknown": []}
     texts, spans = [], []
     for conversations in batch["conversations"]:
-        text, answer_spans = render_conversation(json.loads(conversations), tokenizer.eos_token)
+        text, answer_spans = render_for(json.loads(conversations), tokenizer)
         texts.append(text)
         spans.append(answer_spans)
-    encoding = tokenizer(texts, return_offsets_mapping=True)
+    encoding = tokenizer(texts, return_offsets_mapping=True, add_special_tokens=add_bos(tokenizer))
     for ids, offsets, answer_spans in zip(encoding["input_ids"], encoding["offset_mapping"], spans):
         tokenized = labels_from_offsets(
             ids,
@@ -257,6 +258,7 @@ def _cache_file(
     """Arrow cache file name keyed by the file's bytes, the tokenizer's vocabulary and params."""
     digest = hashlib.sha256(json_path.read_bytes())
     digest.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
     digest.update(json.dumps(params, sort_keys=True).encode())
     digest.update(b"sefe_fast-tokenize-v1")
     return Path(cache_dir) / f"{json_path.stem}-{digest.hexdigest()[:20]}.arrow"

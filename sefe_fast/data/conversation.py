@@ -10,6 +10,12 @@ the answer's characters and the "</s>" closing it. The space belongs to the answ
 a generation prompt ends in "ASSISTANT:" (as in LLaVA, where the space is part of the first
 sentencepiece answer token "▁word"), so the model must learn to emit it; decoded
 generations are therefore stripped of leading whitespace by the caller.
+
+A tokenizer with a chat template of its own (an assembled instruction LLM such as
+SmolLM2-135M-Instruct; `sefe_fast.model.build`) renders with that template instead
+(`render_chat_template`): the loss then covers each assistant turn from the end of the
+template's generation prompt to the end of that turn (its end-of-turn token included).
+`load_llava` drops a LLaVA checkpoint's template, so the LLaVA-7B path keeps vicuna_v1.
 `<image>` (one tokenizer token) is expanded to `num_image_tokens` copies of `image_token_id`.
 """
 
@@ -43,9 +49,53 @@ class TokenizedConversation:
     truncated: bool
 
 
-def build_generation_prompt(question: str) -> str:
-    """The prompt for greedy decoding: system line, ` USER: {question} ASSISTANT:` (`<image>` kept)."""
+def has_chat_template(tokenizer: Any) -> bool:
+    """True if `tokenizer` carries a chat template of its own (used instead of vicuna_v1)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_generation_prompt(question: str, tokenizer: Any = None) -> str:
+    """The prompt for greedy decoding (`<image>` kept): the tokenizer's chat template with
+    its generation prompt if it has one, else vicuna_v1's system line,
+    ` USER: {question} ASSISTANT:`."""
+    if tokenizer is not None and has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
     return f"{SYSTEM_PROMPT} {USER_ROLE}: {question} {ASSISTANT_ROLE}:"
+
+
+def render_chat_template(
+    conversations: Sequence[dict[str, str]], tokenizer: Any
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render with `tokenizer`'s own chat template; spans [start, end) of the answers.
+
+    Each assistant turn's span runs from the end of the template's generation prompt for
+    the turns before it to the end of the text rendered through that turn, so it covers
+    the answer and the template's end-of-turn marker. Raises ValueError if the template
+    does not render a conversation as a prefix of its continuation (spans would be wrong).
+    """
+    messages = [
+        {"role": "user" if turn["from"] == HUMAN_FROM else "assistant", "content": turn["value"]}
+        for turn in conversations
+    ]
+    spans: list[tuple[int, int]] = []
+    text = ""  # rendered through the last assistant turn so far
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(
+            messages[:index], tokenize=False, add_generation_prompt=True
+        )
+        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (through.startswith(prompt) and prompt.startswith(text)):
+            raise ValueError(
+                f"the tokenizer's chat template does not render turn {index} as a continuation "
+                "of the turns before it; answer-only labels cannot be placed"
+            )
+        spans.append((len(prompt), len(through)))
+        text = through
+    return text, spans
 
 
 def with_image_placeholder(text: str) -> str:
@@ -107,6 +157,21 @@ def render_conversation(
     return "".join(parts), spans
 
 
+def render_for(
+    conversations: Sequence[dict[str, str]], tokenizer: Any
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered text and answer spans: `tokenizer`'s chat template, else vicuna_v1."""
+    if has_chat_template(tokenizer):
+        return render_chat_template(conversations, tokenizer)
+    return render_conversation(conversations, tokenizer.eos_token)
+
+
+def add_bos(tokenizer: Any) -> bool:
+    """Whether to let the tokenizer add its special tokens (bos): vicuna_v1 text needs the
+    bos in front; a chat template writes every special token it wants itself."""
+    return not has_chat_template(tokenizer)
+
+
 def labels_from_offsets(
     input_ids: Sequence[int],
     offsets: Sequence[tuple[int, int]],
@@ -153,7 +218,8 @@ def tokenize_conversation(
     num_image_tokens: int,
     max_length: int,
 ) -> TokenizedConversation:
-    """Tokenise one conversation with the vicuna_v1 template; loss only on the answers.
+    """Tokenise one conversation (vicuna_v1, or the tokenizer's own chat template); loss
+    only on the answers.
 
     `tokenizer` is a fast HF tokenizer that knows `<image>` as a single token (offsets are
     needed to place the labels); `image_token_id` is the model's image token id and
@@ -162,8 +228,8 @@ def tokenize_conversation(
     """
     check_conversation(list(conversations))
     placeholder_id = image_placeholder_id(tokenizer)
-    text, spans = render_conversation(conversations, tokenizer.eos_token)
-    encoding = tokenizer(text, return_offsets_mapping=True)
+    text, spans = render_for(conversations, tokenizer)
+    encoding = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_bos(tokenizer))
     return labels_from_offsets(
         encoding["input_ids"],
         encoding["offset_mapping"],

@@ -65,6 +65,9 @@ def load_llava(path: str | Path, *, dtype: torch.dtype = torch.float32) -> Model
         raise FileNotFoundError(f"--model {path}: no config.json (not a HF-format model directory)")
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    # A LLaVA checkpoint was tuned on vicuna_v1 whatever template its tokenizer carries
+    # (docs/reference.md §3); sefe_fast.data.conversation uses a template only if present.
+    tokenizer.chat_template = None
     image_processor = AutoImageProcessor.from_pretrained(path)
     return ModelBundle(model, tokenizer, image_processor, {"kind": "hf", "path": str(path)})
 
@@ -104,14 +107,16 @@ def assemble_llava(
     """Assemble a LLaVA-1.5 from its parts (the CoIN starting point).
 
     The LLM's tokenizer gets an `<image>` special token if it lacks one (the embeddings grow
-    by one row) and uses `<unk>` as padding when it has no pad token, as LLaVA does.
+    by one row) and uses `<unk>` as padding when it has no pad token, as LLaVA does (eos
+    when it has no `<unk>` either). A chat template the LLM's tokenizer carries is kept and
+    used for training and generation (`sefe_fast.data.conversation`).
     Without `projector_path` the projector keeps its random initialisation.
     """
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
     vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(llm_path)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -118,9 +118,11 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         if values["vision_tower"] is None:
             problems.append("--llm needs --vision-tower (and usually --projector)")
         values["model"] = None
-    elif values["model"] == "tiny" and values["data"] is not None:
-        problems.append("the tiny model only knows mini-CoIN: give --model with --data")
-    if values["model"] not in (None, "tiny") and values["data"] is None:
+    elif values["model"] in ("tiny", "smol") and values["data"] is not None:
+        problems.append(
+            f"the {values['model']} model only knows mini-CoIN: give --model with --data"
+        )
+    if values["model"] not in (None, "tiny", "smol") and values["data"] is None:
         problems.append("--model needs --data (CoIN in LLaVA format)")
     if problems:
         _fail(parser, problems)

@@ -131,7 +131,10 @@ class RunConfig:
         in_presets=False,
     )
     model: str | None = setting(
-        None, "HF-format LLaVA directory ('tiny' = the built-in tiny LLaVA)", "model", optional=True
+        None,
+        "HF-format LLaVA directory ('tiny' = the built-in tiny LLaVA, 'smol' = SmolLM2 LLaVA)",
+        "model",
+        optional=True,
     )
     llm: str | None = setting(
         None,
@@ -327,6 +330,11 @@ class RunConfig:
     def uses_tiny(self) -> bool:
         """True for the built-in tiny LLaVA (no model given)."""
         return self.model == "tiny"
+
+    @property
+    def uses_smol(self) -> bool:
+        """True for the built-in SmolLM2-135M LLaVA (`--preset smol`, sefe_fast.model.smol)."""
+        return self.model == "smol"
 
 
 def settings() -> dict[str, tuple[Field, Setting]]:

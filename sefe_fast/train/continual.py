@@ -50,6 +50,7 @@ from sefe_fast.model.lora import (
     save_adapter,
 )
 from sefe_fast.model.sharding import local_parameter_share, shard_model
+from sefe_fast.model.smol import smol_parts
 from sefe_fast.model.tiny import Stage0Config, TinyConfig
 from sefe_fast.report import write_report
 from sefe_fast.run_layout import (
@@ -184,6 +185,10 @@ class ContinualRun:
             if cfg.stage0_steps is not None:
                 s0 = s0.with_steps(cfg.stage0_steps)
             bundle = load_or_pretrain_tiny(dist, TinyConfig(), s0)
+        elif cfg.uses_smol:
+            llm, tower, projector = run_on_main_first(dist, smol_parts)
+            # the tiny tower has 2 layers: its last one is the feature layer (as for `tiny`)
+            bundle = assemble_llava(llm, tower, projector, dtype=dtype, vision_feature_layer=-1)
         elif cfg.llm is not None:
             bundle = assemble_llava(cfg.llm, cfg.vision_tower, cfg.projector, dtype=dtype)
         else:
