@@ -54,9 +54,12 @@ TILE_MODULE = "sefe_fast_kernels.reglora_tile"
 
 
 def tile_blocks() -> dict[str, tuple[int, int]]:
-    """(BLOCK_M, BLOCK_N) per tile kernel: the largest tile of its CUDA autotune list
-    (kernels/reglora_tile.py), the one that re-reads the factors least. Every program
-    re-reads its B tile once per column block and its A tile once per row block."""
+    """(BLOCK_M, BLOCK_N) per tile kernel from its CUDA autotune list
+    (kernels/reglora_tile.py), the config that re-reads the factors least: for the
+    value-only forward the largest tile (it re-reads B once per column block and A once
+    per row block); for the row owner ("fwd+grad_B", B resident, A streamed once per row
+    block) the largest BLOCK_M; for the column owner ("grad_A", A resident, B streamed once
+    per column block) the largest BLOCK_N."""
     import importlib
 
     try:
@@ -67,12 +70,15 @@ def tile_blocks() -> dict[str, tuple[int, int]]:
             f"not be imported: {exc}. Use backend='torch' instead."
         ) from exc
 
-    def largest(configs) -> tuple[int, int]:
+    def largest(configs, key) -> tuple[int, int]:
         sizes = [(c[0]["BLOCK_M"], c[0]["BLOCK_N"]) for c in configs]
-        return max(sizes, key=lambda mn: (mn[0] * mn[1], mn))
+        return max(sizes, key=key)
 
-    grad = largest(tile.GRAD_CONFIGS_CUDA)
-    return {"fwd": largest(tile.FWD_CONFIGS_CUDA), "grad_B": grad, "grad_A": grad}
+    return {
+        "fwd": largest(tile.FWD_CONFIGS_CUDA, lambda mn: (mn[0] * mn[1], mn)),
+        "fwd+grad_B": largest(tile.ROW_OWNER_CONFIGS_CUDA, lambda mn: (mn[0], mn[1])),
+        "grad_A": largest(tile.COL_OWNER_CONFIGS_CUDA, lambda mn: (mn[1], mn[0])),
+    }
 
 
 SECTOR = 32  # bytes: the smallest L2 transaction
@@ -218,7 +224,9 @@ def tile_costs(
     factor_bytes: int,
     input_precision: str = "tf32",
 ) -> list[Cost]:
-    """The three tile kernels on a `bits`-bit plane over one shape group (no extra list)."""
+    """The two owner kernels of a training step on a `bits`-bit plane over one shape group
+    (no extra list): "fwd+grad_B" (row owner: value and unscaled dB, saved in fp32) and
+    "grad_A" (column owner: dA, plus the scaling of the saved dB)."""
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}")
     shape = _shape(k, d, count)
@@ -231,25 +239,46 @@ def tile_costs(
         ]
     plane = entries * bits / 8
     factors = (k + d) * rank * factor_bytes * count
-    costs = []
+    b_bytes, a_bytes = k * rank * factor_bytes * count, d * rank * factor_bytes * count
+    chunks = math.ceil(rank / 128)  # rank chunks of ≤ 128 (kernels' block_r_for)
     blocks = tile_blocks()
-    for name, gemms, writes in (("fwd", 1, 0), ("grad_B", 2, k), ("grad_A", 2, d)):
-        block_m, block_n = blocks[name]
-        col_blocks, row_blocks = math.ceil(d / block_n), math.ceil(k / block_m)
-        rereads = (k * rank * col_blocks + d * rank * row_blocks) * factor_bytes * count
-        hbm = plane + factors + writes * rank * factor_bytes * count
-        costs.append(
-            Cost(
-                f"tile {name}",
-                shape,
-                2 * gemms * entries * rank * mult,
-                rate,
-                DECODE_OPS * entries,
-                hbm,
-                plane + rereads + writes * rank * factor_bytes * count,
-            )
-        )
-    return costs
+    row_m, row_n = blocks["fwd+grad_B"]
+    col_m, col_n = blocks["grad_A"]
+    if chunks == 1:
+        # The owner's own block is read once and stays resident; the other factor streams
+        # once per owner block.
+        row_reads = b_bytes + a_bytes * math.ceil(k / row_m)
+        col_reads = a_bytes + b_bytes * math.ceil(d / col_n)
+    else:
+        # Several rank chunks: each chunk's program re-forms ΔW from rank-stepped tiles of
+        # both factors (B once per column block, A once per row block).
+        row_reads = chunks * (b_bytes * math.ceil(d / row_n) + a_bytes * math.ceil(k / row_m))
+        col_reads = chunks * (b_bytes * math.ceil(d / col_n) + a_bytes * math.ceil(k / col_m))
+    # ΔW once per rank chunk (2kdr each) plus the gradient GEMM (2kdr) in each owner.
+    flops = (2 * chunks + 2) * entries * rank * mult
+    grad_b_fp32 = k * rank * 4 * count  # the saved, unscaled dB
+    scale_grad_b = grad_b_fp32 + k * rank * factor_bytes * count  # read fp32, write dtype
+    grad_a_out = d * rank * factor_bytes * count
+    return [
+        Cost(
+            "tile fwd+grad_B",
+            shape,
+            flops,
+            rate,
+            DECODE_OPS * entries,
+            plane + factors + grad_b_fp32,
+            plane + row_reads + grad_b_fp32,
+        ),
+        Cost(
+            "tile grad_A",
+            shape,
+            flops,
+            rate,
+            DECODE_OPS * entries,
+            plane + factors + grad_a_out + scale_grad_b,
+            plane + col_reads + grad_a_out + scale_grad_b,
+        ),
+    ]
 
 
 def step_costs(

@@ -15,8 +15,8 @@ CONFIG_COUNTS = {
     "_reglora_grad_b_kernel": len(reglora_penalty.GRAD_B_CONFIGS_CUDA),
     "_reglora_grad_a_kernel": len(reglora_penalty.GRAD_A_CONFIGS_CUDA),
     "_tile_fwd_kernel": len(reglora_tile.FWD_CONFIGS_CUDA),
-    "_tile_grad_b_kernel": len(reglora_tile.GRAD_CONFIGS_CUDA),
-    "_tile_grad_a_kernel": len(reglora_tile.GRAD_CONFIGS_CUDA),
+    "_tile_fwd_grad_b_kernel": len(reglora_tile.ROW_OWNER_CONFIGS_CUDA),
+    "_tile_grad_a_kernel": len(reglora_tile.COL_OWNER_CONFIGS_CUDA),
 }
 KERNELS = set(CONFIG_COUNTS)
 TILE_KERNELS = {name for name in KERNELS if name.startswith("_tile")}
