@@ -91,7 +91,8 @@ DEFAULT_INPUT_PRECISION = "tf32"
 
 # Autotune lists for CUDA (kwargs, num_warps, num_stages). Every entry compiles for sm_80
 # and sm_90 at r = 128, fp32 and bf16 factors, with 0 spills and within the shared memory
-# of an A100 (python -m sefe_fast.kernel_report).
+# of an A100 (python -m sefe_fast.kernel_report); the owner kernels' entries also at
+# r = 256 (two rank chunks, RESIDENT off; checked with kernel_report.compile_kernel).
 FWD_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
     ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
     ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
@@ -104,7 +105,7 @@ ROW_OWNER_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
     # BLOCK_M = 128 (half the re-reads of A) spills on sm_80 with fp32 factors: the
     # resident B block and the dB accumulator are 128×128 fp32 each.
     ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 1),
-    ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3),
+    ({"BLOCK_M": 64, "BLOCK_N": 32}, 8, 2),
 ]
 COL_OWNER_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
     ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 2),

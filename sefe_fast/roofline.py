@@ -16,14 +16,18 @@ training task p + 1 (p = 1…7 earlier masks, tasks assumed to pick independentl
 - "gather": the three gather kernels (kernels/reglora_penalty.py) on a PositionPlan of u
   distinct positions: each position pulls one factor row (r · factor bytes) through L2 per
   kernel; grad_A reads rows/counts/signs indirectly (three 32-byte sectors).
-- "tile": the dense-tile kernels (kernels/reglora_tile.py) on a packed plane of `bits`
-  bits per entry, plus the gather kernels on the DeviceMask's extra list. Forward 2·k·d·r
-  FLOP, each gradient 4·k·d·r (ΔW recomputed, then the GEMM): 10·k·d·r on tensor cores at
-  the input precision (bf16 factors: bf16 rate; fp32 factors: "tf32" one TF32 MMA,
-  "tf32x3" three, "ieee" the fp32 FMA rate). Factor tiles are re-read from L2 once per
-  tile of the other dimension (k·r·fb·⌈d/BLOCK_N⌉ + d·r·fb·⌈k/BLOCK_M⌉ per pass, with each
-  kernel's largest configured tile, `tile_blocks()`), the plane
-  once per pass from HBM, and the mask decode (shift, mask, convert, multiply, abs/sign) is
+- "tile": the dense-tile owner kernels (kernels/reglora_tile.py) on a packed plane of
+  `bits` bits per entry, plus the gather kernels on the DeviceMask's extra list. The row
+  owner ("fwd+grad_B") forms ΔW and from the same tile the value and dB (saved unscaled in
+  fp32, k·r·4 bytes written); the column owner ("grad_A") forms ΔW again and dA, and the
+  saved dB is scaled (read fp32, write the factors' dtype). 4·k·d·r FLOP each, 8·k·d·r per
+  step on tensor cores at the input precision (bf16 factors: bf16 rate; fp32 factors:
+  "tf32" one TF32 MMA, "tf32x3" three, "ieee" the fp32 FMA rate). L2 re-reads: each owner
+  reads its own factor block once (resident) and streams the other factor once per owner
+  block — k·r·fb + d·r·fb·⌈k/BLOCK_M⌉ for the row owner, d·r·fb + k·r·fb·⌈d/BLOCK_N⌉ for
+  the column owner, from the configs that re-read least (`tile_blocks()`); ranks above 128
+  re-form ΔW per rank chunk from rank steps of both factors. The plane is read once per
+  pass from HBM, and the mask decode (shift, mask, convert, multiply, abs/sign) is
   DECODE_OPS CUDA-core instructions per entry and pass, a bound of its own.
 
 Every kernel's time is the largest of its bounds (tensor or FMA FLOPs, CUDA-core
