@@ -14,24 +14,39 @@ same inv_n) and g the upstream gradient:
     ∂/∂B    = S · Aᵀ   (k×r)          ∂/∂A = Bᵀ · S   (r×d)
 
 ΔW is never stored. Every kernel forms its BLOCK_M × BLOCK_N tile of ΔW on tensor cores with
-`tl.dot(B_blk, A_blk)` over the rank in fp32 accumulation, in rank steps of BLOCK_K (the
-rank is padded to a multiple of BLOCK_K ≥ 16 by masked zero loads, since tl.dot needs
-K ≥ 16, so every rank from 1 up works), decodes the tile's counts from one contiguous load
-of the plane words it covers by shifts, uses the tile and drops it. The gradient kernels'
-outputs are split in rank chunks of BLOCK_R ≤ 128:
+`tl.dot` in fp32 accumulation, decodes the tile's counts from one contiguous load of the
+plane words it covers by shifts, uses the tile and drops it. Three kernels:
 
-- `_tile_fwd_kernel`, grid (row blocks, column blocks, matrices): one fp32 partial
-  Σ c·|ΔW| per program; torch sums the partials in a fixed order (deterministic, no
-  atomics) and applies inv_n.
-- `_tile_grad_b_kernel`, grid (row blocks, rank chunks, matrices): owns dB[row block, rank
-  chunk] and loops over the column blocks: ΔW tile → S tile → acc += S · A_chunkᵀ.
-- `_tile_grad_a_kernel`, grid (column blocks, rank chunks, matrices): owns dA[rank chunk,
-  column block] and loops over the row blocks: acc += B_chunkᵀ · S.
+- `_tile_fwd_kernel` (value only: no gradient will be needed), grid (row blocks, column
+  blocks, matrices): one fp32 partial Σ c·|ΔW| per program, ΔW in rank steps of BLOCK_K
+  (the rank padded by masked zero loads to a multiple of BLOCK_K ≥ 16, the K tl.dot needs).
+- `_tile_fwd_grad_b_kernel` (training forward), grid (row blocks, rank chunks, matrices):
+  the row owner. It loads its B row block (all ranks) once, then for each column block
+  streams A[:, block] once and uses it twice: ΔW = B_blk · A_blk, then, from the same tile,
+  the value partial Σ c·|ΔW| and acc_dB += S₁ · A_blkᵀ with S₁ = c·sign(ΔW). It writes the
+  row block's partial (rank chunk 0) and the unscaled dB block in fp32.
+- `_tile_grad_a_kernel` (backward), grid (column blocks, rank chunks, matrices): the
+  column owner. It loads its A column block once, streams B[block, :] once per row block:
+  ΔW = B_blk · A_blk, acc_dA += B_blkᵀ · S₁; stores g·inv_n · acc_dA in the factors' dtype.
+  The backward scales the saved dB by g·inv_n (one elementwise op) and runs nothing else.
 
-Each output block has exactly one owner and a fixed loop order: bitwise deterministic run
-to run. The backward recomputes ΔW from the factors (nothing but the factors is saved).
-Work per matrix and step: 2kdr FLOP forward, 4kdr per gradient (ΔW again, then the GEMM),
-10kdr in all; ranks above 128 recompute ΔW once per rank chunk in each gradient kernel.
+Saved between forward and backward (training path): the factors (by reference) and the
+unscaled dB, fp32 [M, k, r] — exactly the size of the fp32 gradient of B (LLaVA-7B, 224
+matrices, r = 128: 0.70 GB, freed by the backward). Ranks above 128 (BLOCK_R = 128 output
+chunks, `block_r_for`): the owners cannot keep all ranks resident, so each chunk's program
+re-forms ΔW from rank steps of both factors (`_delta_tile`) and only chunk 0 reports the
+value. Under no_grad or with frozen B, the forward runs the value-only kernel instead and
+saves nothing but the factors.
+
+Work per matrix and step (r ≤ 128): 4kdr FLOP in each owner (ΔW, then the gradient GEMM),
+8kdr in all (the former three-kernel design, ΔW formed three times: 10kdr). L2 traffic per
+owner: its own factor once, the other factor once per owner block, the plane once.
+
+Each output block has exactly one owner and a fixed loop order, the value partials are
+summed by torch in a fixed order: bitwise deterministic run to run, no atomics.
+
+(The file runs past 450 lines on purpose: the three kernels share their @triton.jit
+helpers, launch constants and offset tables, which must stay in one module.)
 
 Grouped launch: the M same-shape matrices of a group are addressed through int64
 element-offset tables relative to matrix 0 (B, A and plane of matrix m start at
@@ -76,21 +91,32 @@ DEFAULT_INPUT_PRECISION = "tf32"
 
 # Autotune lists for CUDA (kwargs, num_warps, num_stages). Every entry compiles for sm_80
 # and sm_90 at r = 128, fp32 and bf16 factors, with 0 spills and within the shared memory
-# of an A100 (python -m sefe_fast.kernel_report).
+# of an A100 (python -m sefe_fast.kernel_report); the owner kernels' entries also at
+# r = 256 (two rank chunks, RESIDENT off; checked with kernel_report.compile_kernel).
 FWD_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
     ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3),
     ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3),
     ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 3),
 ]
-GRAD_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
+# Owner kernels (training step): the row owner computes the value and dB, the column owner
+# dA. The owner's own factor block stays in registers across its loop and only the other
+# factor streams from L2, once per owner block: larger owner blocks re-read less.
+ROW_OWNER_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
+    # BLOCK_M = 128 (half the re-reads of A) spills on sm_80 with fp32 factors: the
+    # resident B block and the dB accumulator are 128×128 fp32 each.
+    ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 1),
+    ({"BLOCK_M": 64, "BLOCK_N": 32}, 8, 2),
+]
+COL_OWNER_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
+    ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 2),
     ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
-    ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 3),
-    ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3),
+    ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 3),
 ]
 # Under TRITON_INTERPRET=1 each program costs about 1 ms of Python plus its numpy work:
 # few, large programs; multi-config autotune needs a GPU, so exactly one config.
 FWD_CONFIG_INTERPRET = ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1)
-GRAD_CONFIG_INTERPRET = ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1)
+ROW_OWNER_CONFIG_INTERPRET = ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1)
+COL_OWNER_CONFIG_INTERPRET = ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1)
 
 
 def _configs(
@@ -105,9 +131,12 @@ def _configs(
 
 
 _FWD_ACTIVE = [FWD_CONFIG_INTERPRET] if INTERPRET else FWD_CONFIGS_CUDA
-# The smallest forward tile: the partial-sum buffer has one slot per tile of this size.
+_ROW_OWNER_ACTIVE = [ROW_OWNER_CONFIG_INTERPRET] if INTERPRET else ROW_OWNER_CONFIGS_CUDA
+# The smallest tiles: the partial-sum buffers have one slot per tile (forward) or per row
+# block (row owner) of the smallest configured size.
 _MIN_FWD_BLOCK_M = min(kwargs["BLOCK_M"] for kwargs, _, _ in _FWD_ACTIVE)
 _MIN_FWD_BLOCK_N = min(kwargs["BLOCK_N"] for kwargs, _, _ in _FWD_ACTIVE)
+_MIN_ROW_OWNER_BLOCK_M = min(kwargs["BLOCK_M"] for kwargs, _, _ in _ROW_OWNER_ACTIVE)
 
 
 @triton.jit
@@ -227,18 +256,58 @@ def _signed_counts(delta, counts):
     return tl.where(delta > 0, counts, 0.0) - tl.where(delta < 0, counts, 0.0)
 
 
+@triton.jit
+def _delta_with(
+    own,
+    b_base,
+    a_base,
+    rows,
+    cols,
+    streamed,
+    K,
+    D,
+    R,
+    OWN_IS_B: tl.constexpr,
+    RESIDENT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """The fp32 ΔW tile at (rows, cols) for an owner program.
+
+    RESIDENT (the rank fits one chunk): one tl.dot of the owner's resident factor block
+    (`own`, loaded once before the loop) with the streamed block of the other factor that
+    the gradient GEMM uses anyway — no second load. Otherwise (rank > 128, several rank
+    chunks): the rank-stepped `_delta_tile`, whose factor rows come through L2.
+    """
+    if RESIDENT:
+        if OWN_IS_B:
+            delta = tl.dot(own, streamed, input_precision=INPUT_PRECISION)
+        else:
+            delta = tl.dot(streamed, own, input_precision=INPUT_PRECISION)
+    else:
+        delta = _delta_tile(
+            b_base, a_base, rows, cols, K, D, R, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION
+        )
+    return delta
+
+
 @triton.autotune(
-    configs=_configs(GRAD_CONFIGS_CUDA, GRAD_CONFIG_INTERPRET),
+    configs=_configs(ROW_OWNER_CONFIGS_CUDA, ROW_OWNER_CONFIG_INTERPRET),
     key=["K", "D", "R", "BITS", "INPUT_PRECISION"],
+    # Configs differ in BLOCK_M, hence in how many partial slots they fill.
+    reset_to_zero=["partial_ptr"],
 )
 @triton.jit
-def _tile_grad_b_kernel(
+def _tile_fwd_grad_b_kernel(
     b_ptr,  # matrix 0's B [K, R]
     a_ptr,  # matrix 0's A [R, D]
     plane_ptr,  # matrix 0's plane, int32 [K, W]
     offsets_ptr,  # int64 [M, 3]
-    scale_ptr,  # fp32 [M]: upstream gradient × inv_n of each matrix
-    grad_b_ptr,  # [M, K, R] contiguous, output in the factors' dtype
+    partial_ptr,  # fp32 [M, n_slots], output: per-row-block Σ c·|ΔW|
+    grad_b_ptr,  # fp32 [M, K, R], output: Σ_j c·sign(ΔW)·Aᵀ, not yet × g·inv_n
+    n_slots,
     K,
     D,
     R,
@@ -248,9 +317,11 @@ def _tile_grad_b_kernel(
     FACTOR_ALIGN: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    RESIDENT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Row owner: dB[row block, rank chunk] and (chunk 0) the row block's value partial.
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
     m = tl.program_id(2).to(tl.int64)
@@ -259,30 +330,40 @@ def _tile_grad_b_kernel(
     )
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out_ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    # The owner's B block, every rank, read once (used only when RESIDENT).
+    own_b = tl.load(
+        b_base + rows[:, None] * R + out_ranks[None, :],
+        mask=(rows < K)[:, None] & (out_ranks < R)[None, :],
+        other=0.0,
+    )
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
     for n0 in range(0, D, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        delta = _delta_tile(
-            b_base, a_base, rows, cols, K, D, R, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION
-        )
-        counts = _decode_counts(plane_base, rows, n0, K, W, BLOCK_M, BLOCK_N, BITS)
-        s = _signed_counts(delta, counts)
         a_out = tl.load(
             a_base + out_ranks[:, None] * D + cols[None, :],
             mask=(out_ranks < R)[:, None] & (cols < D)[None, :],
             other=0.0,
         )
+        delta = _delta_with(
+            own_b, b_base, a_base, rows, cols, a_out, K, D, R,
+            True, RESIDENT, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+        )  # fmt: skip
+        counts = _decode_counts(plane_base, rows, n0, K, W, BLOCK_M, BLOCK_N, BITS)
+        total += tl.sum(counts * tl.abs(delta), axis=1)
+        s = _signed_counts(delta, counts)
         acc = tl.dot(s.to(a_out.dtype), tl.trans(a_out), acc, input_precision=INPUT_PRECISION)
-    acc = acc * tl.load(scale_ptr + m)
+    # Every rank chunk computed the same value; chunk 0 reports it.
+    tl.store(partial_ptr + m * n_slots + pid_m, tl.sum(total, axis=0), mask=pid_r == 0)
     tl.store(
         grad_b_ptr + m * K * R + rows[:, None] * R + out_ranks[None, :],
-        acc.to(grad_b_ptr.dtype.element_ty),
+        acc,
         mask=(rows < K)[:, None] & (out_ranks < R)[None, :],
     )
 
 
 @triton.autotune(
-    configs=_configs(GRAD_CONFIGS_CUDA, GRAD_CONFIG_INTERPRET),
+    configs=_configs(COL_OWNER_CONFIGS_CUDA, COL_OWNER_CONFIG_INTERPRET),
     key=["K", "D", "R", "BITS", "INPUT_PRECISION"],
 )
 @triton.jit
@@ -291,7 +372,7 @@ def _tile_grad_a_kernel(
     a_ptr,  # matrix 0's A [R, D]
     plane_ptr,  # matrix 0's plane, int32 [K, W]
     offsets_ptr,  # int64 [M, 3]
-    scale_ptr,  # fp32 [M]
+    scale_ptr,  # fp32 [M]: upstream gradient × inv_n of each matrix
     grad_a_ptr,  # [M, R, D] contiguous, output in the factors' dtype
     K,
     D,
@@ -302,9 +383,11 @@ def _tile_grad_a_kernel(
     FACTOR_ALIGN: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    RESIDENT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
+    # Column owner: dA[rank chunk, column block].
     pid_n = tl.program_id(0)
     pid_r = tl.program_id(1)
     m = tl.program_id(2).to(tl.int64)
@@ -313,19 +396,26 @@ def _tile_grad_a_kernel(
     )
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_ranks = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    # The owner's A block, every rank, read once (used only when RESIDENT).
+    own_a = tl.load(
+        a_base + out_ranks[:, None] * D + cols[None, :],
+        mask=(out_ranks < R)[:, None] & (cols < D)[None, :],
+        other=0.0,
+    )
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for m0 in range(0, K, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        delta = _delta_tile(
-            b_base, a_base, rows, cols, K, D, R, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION
-        )
-        counts = _decode_counts(plane_base, rows, pid_n * BLOCK_N, K, W, BLOCK_M, BLOCK_N, BITS)
-        s = _signed_counts(delta, counts)
         b_out = tl.load(
             b_base + rows[:, None] * R + out_ranks[None, :],
             mask=(rows < K)[:, None] & (out_ranks < R)[None, :],
             other=0.0,
         )
+        delta = _delta_with(
+            own_a, b_base, a_base, rows, cols, b_out, K, D, R,
+            False, RESIDENT, BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION,
+        )  # fmt: skip
+        counts = _decode_counts(plane_base, rows, pid_n * BLOCK_N, K, W, BLOCK_M, BLOCK_N, BITS)
+        s = _signed_counts(delta, counts)
         acc = tl.dot(tl.trans(b_out), s.to(b_out.dtype), acc, input_precision=INPUT_PRECISION)
     acc = acc * tl.load(scale_ptr + m)
     tl.store(
@@ -407,8 +497,10 @@ def rank_step(rank: int, element_size: int) -> int:
     return min(block_r_for(rank), step)
 
 
-def _launch_constants(b: torch.Tensor, group: _TileGroup, grad: bool) -> dict[str, object]:
-    """Constexprs of a launch: plane bits, dot precision, alignment, rank step (and chunk)."""
+def _launch_constants(b: torch.Tensor, group: _TileGroup, owner: bool) -> dict[str, object]:
+    """Constexprs of a launch: plane bits, dot precision, alignment, rank step; the owner
+    kernels also get the rank chunk and whether the owner's factor block stays resident
+    (the whole rank in one chunk)."""
     precision = group.input_precision if b.dtype == torch.float32 else DEFAULT_INPUT_PRECISION
     constants: dict[str, object] = {
         "BITS": group.bits,
@@ -416,15 +508,23 @@ def _launch_constants(b: torch.Tensor, group: _TileGroup, grad: bool) -> dict[st
         "FACTOR_ALIGN": _FACTOR_ALIGN_BYTES // b.element_size(),
         "BLOCK_K": rank_step(b.shape[1], b.element_size()),
     }
-    if grad:
+    if owner:
         constants["BLOCK_R"] = block_r_for(b.shape[1])
+        constants["RESIDENT"] = b.shape[1] <= constants["BLOCK_R"]
     return constants
 
 
-def _forward(bs, as_, group: _TileGroup, offsets: torch.Tensor) -> torch.Tensor:
-    """Per-matrix penalties of the plane part, fp32 [M], already × inv_n."""
-    num_m = len(bs)
+def _shape_args(bs, as_, group: _TileGroup) -> tuple[int, int, int, int]:
+    """(K, D, R, W) of a group."""
     (k, rank), d = bs[0].shape, as_[0].shape[1]
+    return k, d, rank, words_per_row(d, group.bits)
+
+
+def _forward_value(bs, as_, group: _TileGroup, offsets: torch.Tensor) -> torch.Tensor:
+    """Per-matrix penalties of the plane part, fp32 [M], already × inv_n (no gradient
+    work: the value-only kernel, one program per tile)."""
+    num_m = len(bs)
+    k, d, rank, words = _shape_args(bs, as_, group)
     n_slots = triton.cdiv(k, _MIN_FWD_BLOCK_M) * triton.cdiv(d, _MIN_FWD_BLOCK_N)
     partial = torch.zeros(num_m, n_slots, dtype=torch.float32, device=bs[0].device)
 
@@ -432,101 +532,93 @@ def _forward(bs, as_, group: _TileGroup, offsets: torch.Tensor) -> torch.Tensor:
         return (triton.cdiv(k, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_N"]), num_m)
 
     _tile_fwd_kernel[grid](
-        bs[0],
-        as_[0],
-        group.planes[0],
-        offsets,
-        partial,
-        n_slots,
-        k,
-        d,
-        rank,
-        words_per_row(d, group.bits),
-        **_launch_constants(bs[0], group, grad=False),
-    )
+        bs[0], as_[0], group.planes[0], offsets, partial, n_slots, k, d, rank, words,
+        **_launch_constants(bs[0], group, owner=False),
+    )  # fmt: skip
     return partial.sum(dim=1) * group.inv_n
 
 
-def _grad_b(bs, as_, group: _TileGroup, offsets, scale) -> torch.Tensor:
-    """Gradients w.r.t. every B, stacked: [M, K, R] in the factors' dtype."""
+def _forward_value_and_grad_b(
+    bs, as_, group: _TileGroup, offsets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-matrix penalties fp32 [M] × inv_n, unscaled dB fp32 [M, K, R]) from one pass
+    of the row-owner kernel; dB still lacks the factor g · inv_n."""
     num_m = len(bs)
-    (k, rank), d = bs[0].shape, as_[0].shape[1]
-    constants = _launch_constants(bs[0], group, grad=True)
-    grad_b = torch.empty(num_m, k, rank, dtype=bs[0].dtype, device=bs[0].device)
+    k, d, rank, words = _shape_args(bs, as_, group)
+    constants = _launch_constants(bs[0], group, owner=True)
+    n_slots = triton.cdiv(k, _MIN_ROW_OWNER_BLOCK_M)
+    partial = torch.zeros(num_m, n_slots, dtype=torch.float32, device=bs[0].device)
+    grad_b = torch.empty(num_m, k, rank, dtype=torch.float32, device=bs[0].device)
 
     def grid(meta):
         return (triton.cdiv(k, meta["BLOCK_M"]), triton.cdiv(rank, meta["BLOCK_R"]), num_m)
 
-    _tile_grad_b_kernel[grid](
-        bs[0],
-        as_[0],
-        group.planes[0],
-        offsets,
-        scale,
-        grad_b,
-        k,
-        d,
-        rank,
-        words_per_row(d, group.bits),
+    _tile_fwd_grad_b_kernel[grid](
+        bs[0], as_[0], group.planes[0], offsets, partial, grad_b, n_slots, k, d, rank, words,
         **constants,
-    )
-    return grad_b
+    )  # fmt: skip
+    return partial.sum(dim=1) * group.inv_n, grad_b
 
 
 def _grad_a(bs, as_, group: _TileGroup, offsets, scale) -> torch.Tensor:
-    """Gradients w.r.t. every A, stacked: [M, R, D] in the factors' dtype."""
+    """Gradients w.r.t. every A, stacked: [M, R, D] in the factors' dtype, × scale[m]."""
     num_m = len(bs)
-    (k, rank), d = bs[0].shape, as_[0].shape[1]
-    constants = _launch_constants(bs[0], group, grad=True)
+    k, d, rank, words = _shape_args(bs, as_, group)
+    constants = _launch_constants(bs[0], group, owner=True)
     grad_a = torch.empty(num_m, rank, d, dtype=bs[0].dtype, device=bs[0].device)
 
     def grid(meta):
         return (triton.cdiv(d, meta["BLOCK_N"]), triton.cdiv(rank, meta["BLOCK_R"]), num_m)
 
     _tile_grad_a_kernel[grid](
-        bs[0],
-        as_[0],
-        group.planes[0],
-        offsets,
-        scale,
-        grad_a,
-        k,
-        d,
-        rank,
-        words_per_row(d, group.bits),
-        **constants,
-    )
+        bs[0], as_[0], group.planes[0], offsets, scale, grad_a, k, d, rank, words, **constants
+    )  # fmt: skip
     return grad_a
 
 
 class TilePenaltyFunction(torch.autograd.Function):
-    """Plane-part penalties (fp32 [M]) of M same-shape pairs: apply(group, *Bs, *As).
+    """Plane-part penalties (fp32 [M]) of M same-shape pairs:
+    apply(group, fuse_grad_b, *Bs, *As).
 
-    Saves only the factors (by reference, no copy); the planes are held by the group.
+    fuse_grad_b (some B needs a gradient): the forward runs the row-owner kernel and saves
+    the unscaled dB, fp32 [M, K, R] — exactly the size of B's fp32 gradient, held from the
+    forward to the backward — besides the factors (by reference, no copy); the backward
+    scales it and runs only the column-owner dA kernel. Otherwise the value-only kernel,
+    and dA (if needed) in the backward.
     """
 
     @staticmethod
-    def forward(ctx, group: _TileGroup, *factors: torch.Tensor):
+    def forward(ctx, group: _TileGroup, fuse_grad_b: bool, *factors: torch.Tensor):
         num_m = len(factors) // 2
         bs = [_aligned(b) for b in factors[:num_m]]
         as_ = [_aligned(a) for a in factors[num_m:]]
         offsets = _offset_table(bs, as_, group.planes)
-        ctx.save_for_backward(*bs, *as_)
         ctx.group, ctx.offsets, ctx.num_m = group, offsets, num_m
-        return _forward(bs, as_, group, offsets)
+        if fuse_grad_b:
+            values, grad_b_unscaled = _forward_value_and_grad_b(bs, as_, group, offsets)
+        else:
+            values, grad_b_unscaled = _forward_value(bs, as_, group, offsets), None
+        ctx.save_for_backward(grad_b_unscaled, *bs, *as_)
+        return values
 
     @staticmethod
     def backward(ctx, grad_values: torch.Tensor):
-        saved = ctx.saved_tensors
+        grad_b_unscaled, *saved = ctx.saved_tensors
         bs, as_ = saved[: ctx.num_m], saved[ctx.num_m :]
         group: _TileGroup = ctx.group
         scale = (grad_values.to(torch.float32) * group.inv_n).contiguous()
         grad_bs = grad_as = (None,) * ctx.num_m
-        if any(ctx.needs_input_grad[1 : 1 + ctx.num_m]):
-            grad_bs = _grad_b(bs, as_, group, ctx.offsets, scale).unbind(0)
-        if any(ctx.needs_input_grad[1 + ctx.num_m :]):
+        if any(ctx.needs_input_grad[2 : 2 + ctx.num_m]):
+            if grad_b_unscaled is None:
+                raise RuntimeError(
+                    "tile penalty: a gradient w.r.t. B was requested, but the forward ran "
+                    "without B requiring grad (or with grad disabled), so dB was not formed"
+                )
+            grad_b = grad_b_unscaled * scale[:, None, None]
+            grad_bs = grad_b.to(bs[0].dtype).unbind(0)
+        if any(ctx.needs_input_grad[2 + ctx.num_m :]):
             grad_as = _grad_a(bs, as_, group, ctx.offsets, scale).unbind(0)
-        return (None, *grad_bs, *grad_as)
+        return (None, None, *grad_bs, *grad_as)
 
 
 def _check_group(bs, as_, planes, bits: int, inv_n: torch.Tensor, input_precision: str) -> None:
@@ -593,7 +685,10 @@ def penalty_tile_grouped(
     """
     _check_group(lora_bs, lora_as, planes, bits, inv_n, input_precision)
     group = _TileGroup(tuple(planes), int(bits), inv_n, input_precision)
-    return TilePenaltyFunction.apply(group, *lora_bs, *lora_as)
+    # Inside Function.forward grad mode is off: decide here whether the backward will need
+    # dB, and only then let the forward form it.
+    fuse_grad_b = torch.is_grad_enabled() and any(b.requires_grad for b in lora_bs)
+    return TilePenaltyFunction.apply(group, fuse_grad_b, *lora_bs, *lora_as)
 
 
 def aot_launches(
@@ -615,7 +710,8 @@ def aot_launches(
         "FACTOR_ALIGN": _FACTOR_ALIGN_BYTES // element_size,
         "BLOCK_K": min(block_r_for(rank), _RANK_STEP_CUDA[element_size]),
     }
-    grad_constexprs = {**fwd_constexprs, "BLOCK_R": block_r_for(rank)}
+    # r = 128 is one rank chunk: the owners keep their factor block resident.
+    owner_constexprs = {**fwd_constexprs, "BLOCK_R": block_r_for(rank), "RESIDENT": True}
     shape_args = {"K": k, "D": d, "R": rank, "W": words_per_row(d, bits)}
     common = {"b_ptr": factor, "a_ptr": factor, "plane_ptr": i32, "offsets_ptr": i64}
     n_slots = triton.cdiv(k, 64) * triton.cdiv(d, 64)
@@ -627,15 +723,21 @@ def aot_launches(
             configs=FWD_CONFIGS_CUDA,
         ),
         AotLaunch(
-            kernel=_tile_grad_b_kernel,
-            args={**common, "scale_ptr": f32, "grad_b_ptr": factor, **shape_args},
-            constexprs=grad_constexprs,
-            configs=GRAD_CONFIGS_CUDA,
+            kernel=_tile_fwd_grad_b_kernel,
+            args={
+                **common,
+                "partial_ptr": f32,
+                "grad_b_ptr": f32,
+                "n_slots": triton.cdiv(k, 64),
+                **shape_args,
+            },
+            constexprs=owner_constexprs,
+            configs=ROW_OWNER_CONFIGS_CUDA,
         ),
         AotLaunch(
             kernel=_tile_grad_a_kernel,
             args={**common, "scale_ptr": f32, "grad_a_ptr": factor, **shape_args},
-            constexprs=grad_constexprs,
-            configs=GRAD_CONFIGS_CUDA,
+            constexprs=owner_constexprs,
+            configs=COL_OWNER_CONFIGS_CUDA,
         ),
     ]

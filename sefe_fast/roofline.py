@@ -16,14 +16,18 @@ training task p + 1 (p = 1…7 earlier masks, tasks assumed to pick independentl
 - "gather": the three gather kernels (kernels/reglora_penalty.py) on a PositionPlan of u
   distinct positions: each position pulls one factor row (r · factor bytes) through L2 per
   kernel; grad_A reads rows/counts/signs indirectly (three 32-byte sectors).
-- "tile": the dense-tile kernels (kernels/reglora_tile.py) on a packed plane of `bits`
-  bits per entry, plus the gather kernels on the DeviceMask's extra list. Forward 2·k·d·r
-  FLOP, each gradient 4·k·d·r (ΔW recomputed, then the GEMM): 10·k·d·r on tensor cores at
-  the input precision (bf16 factors: bf16 rate; fp32 factors: "tf32" one TF32 MMA,
-  "tf32x3" three, "ieee" the fp32 FMA rate). Factor tiles are re-read from L2 once per
-  tile of the other dimension (k·r·fb·⌈d/BLOCK_N⌉ + d·r·fb·⌈k/BLOCK_M⌉ per pass, with each
-  kernel's largest configured tile, `tile_blocks()`), the plane
-  once per pass from HBM, and the mask decode (shift, mask, convert, multiply, abs/sign) is
+- "tile": the dense-tile owner kernels (kernels/reglora_tile.py) on a packed plane of
+  `bits` bits per entry, plus the gather kernels on the DeviceMask's extra list. The row
+  owner ("fwd+grad_B") forms ΔW and from the same tile the value and dB (saved unscaled in
+  fp32, k·r·4 bytes written); the column owner ("grad_A") forms ΔW again and dA, and the
+  saved dB is scaled (read fp32, write the factors' dtype). 4·k·d·r FLOP each, 8·k·d·r per
+  step on tensor cores at the input precision (bf16 factors: bf16 rate; fp32 factors:
+  "tf32" one TF32 MMA, "tf32x3" three, "ieee" the fp32 FMA rate). L2 re-reads: each owner
+  reads its own factor block once (resident) and streams the other factor once per owner
+  block — k·r·fb + d·r·fb·⌈k/BLOCK_M⌉ for the row owner, d·r·fb + k·r·fb·⌈d/BLOCK_N⌉ for
+  the column owner, from the configs that re-read least (`tile_blocks()`); ranks above 128
+  re-form ΔW per rank chunk from rank steps of both factors. The plane is read once per
+  pass from HBM, and the mask decode (shift, mask, convert, multiply, abs/sign) is
   DECODE_OPS CUDA-core instructions per entry and pass, a bound of its own.
 
 Every kernel's time is the largest of its bounds (tensor or FMA FLOPs, CUDA-core
@@ -54,9 +58,12 @@ TILE_MODULE = "sefe_fast_kernels.reglora_tile"
 
 
 def tile_blocks() -> dict[str, tuple[int, int]]:
-    """(BLOCK_M, BLOCK_N) per tile kernel: the largest tile of its CUDA autotune list
-    (kernels/reglora_tile.py), the one that re-reads the factors least. Every program
-    re-reads its B tile once per column block and its A tile once per row block."""
+    """(BLOCK_M, BLOCK_N) per tile kernel from its CUDA autotune list
+    (kernels/reglora_tile.py), the config that re-reads the factors least: for the
+    value-only forward the largest tile (it re-reads B once per column block and A once
+    per row block); for the row owner ("fwd+grad_B", B resident, A streamed once per row
+    block) the largest BLOCK_M; for the column owner ("grad_A", A resident, B streamed once
+    per column block) the largest BLOCK_N."""
     import importlib
 
     try:
@@ -67,12 +74,15 @@ def tile_blocks() -> dict[str, tuple[int, int]]:
             f"not be imported: {exc}. Use backend='torch' instead."
         ) from exc
 
-    def largest(configs) -> tuple[int, int]:
+    def largest(configs, key) -> tuple[int, int]:
         sizes = [(c[0]["BLOCK_M"], c[0]["BLOCK_N"]) for c in configs]
-        return max(sizes, key=lambda mn: (mn[0] * mn[1], mn))
+        return max(sizes, key=key)
 
-    grad = largest(tile.GRAD_CONFIGS_CUDA)
-    return {"fwd": largest(tile.FWD_CONFIGS_CUDA), "grad_B": grad, "grad_A": grad}
+    return {
+        "fwd": largest(tile.FWD_CONFIGS_CUDA, lambda mn: (mn[0] * mn[1], mn)),
+        "fwd+grad_B": largest(tile.ROW_OWNER_CONFIGS_CUDA, lambda mn: (mn[0], mn[1])),
+        "grad_A": largest(tile.COL_OWNER_CONFIGS_CUDA, lambda mn: (mn[1], mn[0])),
+    }
 
 
 SECTOR = 32  # bytes: the smallest L2 transaction
@@ -218,7 +228,9 @@ def tile_costs(
     factor_bytes: int,
     input_precision: str = "tf32",
 ) -> list[Cost]:
-    """The three tile kernels on a `bits`-bit plane over one shape group (no extra list)."""
+    """The two owner kernels of a training step on a `bits`-bit plane over one shape group
+    (no extra list): "fwd+grad_B" (row owner: value and unscaled dB, saved in fp32) and
+    "grad_A" (column owner: dA, plus the scaling of the saved dB)."""
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}")
     shape = _shape(k, d, count)
@@ -231,25 +243,46 @@ def tile_costs(
         ]
     plane = entries * bits / 8
     factors = (k + d) * rank * factor_bytes * count
-    costs = []
+    b_bytes, a_bytes = k * rank * factor_bytes * count, d * rank * factor_bytes * count
+    chunks = math.ceil(rank / 128)  # rank chunks of ≤ 128 (kernels' block_r_for)
     blocks = tile_blocks()
-    for name, gemms, writes in (("fwd", 1, 0), ("grad_B", 2, k), ("grad_A", 2, d)):
-        block_m, block_n = blocks[name]
-        col_blocks, row_blocks = math.ceil(d / block_n), math.ceil(k / block_m)
-        rereads = (k * rank * col_blocks + d * rank * row_blocks) * factor_bytes * count
-        hbm = plane + factors + writes * rank * factor_bytes * count
-        costs.append(
-            Cost(
-                f"tile {name}",
-                shape,
-                2 * gemms * entries * rank * mult,
-                rate,
-                DECODE_OPS * entries,
-                hbm,
-                plane + rereads + writes * rank * factor_bytes * count,
-            )
-        )
-    return costs
+    row_m, row_n = blocks["fwd+grad_B"]
+    col_m, col_n = blocks["grad_A"]
+    if chunks == 1:
+        # The owner's own block is read once and stays resident; the other factor streams
+        # once per owner block.
+        row_reads = b_bytes + a_bytes * math.ceil(k / row_m)
+        col_reads = a_bytes + b_bytes * math.ceil(d / col_n)
+    else:
+        # Several rank chunks: each chunk's program re-forms ΔW from rank-stepped tiles of
+        # both factors (B once per column block, A once per row block).
+        row_reads = chunks * (b_bytes * math.ceil(d / row_n) + a_bytes * math.ceil(k / row_m))
+        col_reads = chunks * (b_bytes * math.ceil(d / col_n) + a_bytes * math.ceil(k / col_m))
+    # ΔW once per rank chunk (2kdr each) plus the gradient GEMM (2kdr) in each owner.
+    flops = (2 * chunks + 2) * entries * rank * mult
+    grad_b_fp32 = k * rank * 4 * count  # the saved, unscaled dB
+    scale_grad_b = grad_b_fp32 + k * rank * factor_bytes * count  # read fp32, write dtype
+    grad_a_out = d * rank * factor_bytes * count
+    return [
+        Cost(
+            "tile fwd+grad_B",
+            shape,
+            flops,
+            rate,
+            DECODE_OPS * entries,
+            plane + factors + grad_b_fp32,
+            plane + row_reads + grad_b_fp32,
+        ),
+        Cost(
+            "tile grad_A",
+            shape,
+            flops,
+            rate,
+            DECODE_OPS * entries,
+            plane + factors + grad_a_out + scale_grad_b,
+            plane + col_reads + grad_a_out + scale_grad_b,
+        ),
+    ]
 
 
 def step_costs(

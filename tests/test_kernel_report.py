@@ -20,11 +20,11 @@ CONFIG_COUNTS = {
     "_tile_count_kernel": 1,
     "_compact_kernel": 1,
     "_tile_fwd_kernel": len(reglora_tile.FWD_CONFIGS_CUDA),
-    "_tile_grad_b_kernel": len(reglora_tile.GRAD_CONFIGS_CUDA),
-    "_tile_grad_a_kernel": len(reglora_tile.GRAD_CONFIGS_CUDA),
+    "_tile_fwd_grad_b_kernel": len(reglora_tile.ROW_OWNER_CONFIGS_CUDA),
+    "_tile_grad_a_kernel": len(reglora_tile.COL_OWNER_CONFIGS_CUDA),
 }
 KERNELS = set(CONFIG_COUNTS)
-TILE_KERNELS = {"_tile_fwd_kernel", "_tile_grad_b_kernel", "_tile_grad_a_kernel"}
+TILE_KERNELS = {"_tile_fwd_kernel", "_tile_fwd_grad_b_kernel", "_tile_grad_a_kernel"}
 # Shared memory one program may use on an A100 (opt-in maximum per block, bytes); the
 # H100 allows 227 KB.
 A100_MAX_SHARED = 163 * 1024

@@ -19,6 +19,7 @@ from sefe_fast.reglora.device_mask import (
 )
 from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.reglora.penalty import penalty_device_mask, penalty_mask_group, reglora_penalty
+from sefe_fast_kernels import reglora_tile
 from sefe_fast_kernels.reglora_tile import penalty_tile_grouped, words_per_row
 
 CUDA = torch.cuda.is_available()
@@ -80,11 +81,14 @@ def assert_matches(got, expected, value_rel=VALUE_REL, grad_rel=GRAD_REL):
     assert_close(grad_a, ref_grad_a, grad_rel, "grad A")
 
 
-# Shapes that are not multiples of the tiles (64 under the interpreter, 64/128 on CUDA);
-# ranks from 1 (padded to the 16 tl.dot needs) to 130 (two rank chunks of 128).
+# Shapes that are not multiples of the tiles (64 under the interpreter, 32–128 on CUDA),
+# some spanning several row and column blocks (the owners' loops); ranks from 1 (padded to
+# the 16 tl.dot needs) to 130 (two rank chunks of 128: no resident owner block, ΔW
+# re-formed from rank steps, the value reported by chunk 0 only).
 @pytest.mark.parametrize("bits", [1, 4])
 @pytest.mark.parametrize(
-    ("k", "d", "rank"), [(70, 130, 1), (37, 53, 7), (45, 67, 16), (23, 29, 130)]
+    ("k", "d", "rank"),
+    [(70, 130, 1), (37, 53, 7), (131, 197, 7), (45, 67, 16), (23, 29, 130), (70, 140, 130)],
 )
 def test_plane_penalty_matches_float64_dense_formula(k, d, rank, bits):
     lora_b, lora_a = factors(k, d, rank, seed=k + rank)
@@ -166,6 +170,90 @@ def test_grouped_launch_matches_per_matrix_launches_bitwise():
         assert_close(bs[m].grad, upstream[m].item() * ref_grad_b, GRAD_REL, f"matrix {m} B")
         assert_close(as_[m].grad, upstream[m].item() * ref_grad_a, GRAD_REL, f"matrix {m} A")
     assert values[1].item() == 0.0 and torch.count_nonzero(bs[1].grad).item() == 0
+
+
+def _count_calls(monkeypatch, *names: str) -> dict[str, int]:
+    """Wrap reglora_tile's launch helpers `names` to count how often each runs."""
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        original = getattr(reglora_tile, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(reglora_tile, name, counted)
+    return calls
+
+
+LAUNCHERS = ("_forward_value", "_forward_value_and_grad_b", "_grad_a")
+
+
+def test_training_step_runs_the_fused_row_owner_and_the_column_owner_only(monkeypatch):
+    # Forward: value and dB from one row-owner pass; backward: only the dA kernel (the
+    # saved dB is scaled by g·inv_n), and the gradients still match float64.
+    calls = _count_calls(monkeypatch, *LAUNCHERS)
+    lora_b, lora_a = factors(100, 150, 20, seed=60)
+    counts = random_counts(100, 150, 4, 0.3, seed=60)
+    n_total = int(counts.sum())
+    got = tile(lora_b, lora_a, counts, 4, n_total, upstream=-2.5)
+    assert calls == {"_forward_value": 0, "_forward_value_and_grad_b": 1, "_grad_a": 1}
+    ref_value, ref_grad_b, ref_grad_a = dense_reference(lora_b, lora_a, counts, n_total)
+    assert_matches(got, (ref_value, -2.5 * ref_grad_b, -2.5 * ref_grad_a))
+
+
+def test_no_grad_evaluation_runs_the_value_kernel_only(monkeypatch):
+    calls = _count_calls(monkeypatch, *LAUNCHERS)
+    lora_b, lora_a = factors(100, 150, 20, seed=61)
+    counts = random_counts(100, 150, 1, 0.3, seed=61)
+    n_total = int(counts.sum()) + 3
+    plane = pack_counts(counts, 1).to(DEVICE)
+    inv_n = torch.full((1,), 1.0 / n_total, device=DEVICE)
+    ref_value = dense_reference(lora_b, lora_a, counts, n_total)[0]
+    b, a = lora_b.clone().requires_grad_(), lora_a.clone().requires_grad_()
+    with torch.no_grad():
+        no_grad = penalty_tile_grouped([b], [a], [plane], 1, inv_n)
+    frozen = penalty_tile_grouped([lora_b], [lora_a], [plane], 1, inv_n)  # no factor needs grad
+    assert calls == {"_forward_value": 2, "_forward_value_and_grad_b": 0, "_grad_a": 0}
+    assert no_grad.grad_fn is None and frozen.grad_fn is None
+    assert torch.equal(no_grad, frozen)
+    assert_close(no_grad[0], ref_value, VALUE_REL, "no-grad value")
+    # The fused path sums the same products in another order: equal to fp32 rounding.
+    fused = penalty_tile_grouped([b], [a], [plane], 1, inv_n)
+    assert_close(fused[0].detach(), no_grad[0], VALUE_REL, "fused vs value-only")
+
+
+def test_frozen_b_skips_the_fused_grad_b_and_frozen_a_skips_grad_a(monkeypatch):
+    lora_b, lora_a = factors(70, 90, 12, seed=62)
+    counts = random_counts(70, 90, 4, 0.4, seed=62)
+    n_total = int(counts.sum())
+    plane = pack_counts(counts, 4).to(DEVICE)
+    inv_n = torch.full((1,), 1.0 / n_total, device=DEVICE)
+    _, ref_grad_b, ref_grad_a = dense_reference(lora_b, lora_a, counts, n_total)
+
+    calls = _count_calls(monkeypatch, *LAUNCHERS)
+    a = lora_a.clone().requires_grad_()
+    (grad_a,) = torch.autograd.grad(penalty_tile_grouped([lora_b], [a], [plane], 4, inv_n)[0], a)
+    assert calls == {"_forward_value": 1, "_forward_value_and_grad_b": 0, "_grad_a": 1}
+    assert_close(grad_a, ref_grad_a, GRAD_REL, "grad A, B frozen")
+
+    calls.update(dict.fromkeys(calls, 0))
+    b = lora_b.clone().requires_grad_()
+    (grad_b,) = torch.autograd.grad(penalty_tile_grouped([b], [lora_a], [plane], 4, inv_n)[0], b)
+    assert calls == {"_forward_value": 0, "_forward_value_and_grad_b": 1, "_grad_a": 0}
+    assert_close(grad_b, ref_grad_b, GRAD_REL, "grad B, A frozen")
+
+
+def test_a_grad_b_request_without_the_fused_forward_is_a_clear_error():
+    lora_b, lora_a = factors(8, 40, 4, seed=63)
+    counts = random_counts(8, 40, 1, 0.5, seed=63)
+    group = reglora_tile._TileGroup(
+        (pack_counts(counts, 1).to(DEVICE),), 1, torch.ones(1, device=DEVICE), "ieee"
+    )
+    b = lora_b.clone().requires_grad_()
+    value = reglora_tile.TilePenaltyFunction.apply(group, False, b, lora_a)
+    with pytest.raises(RuntimeError, match="dB was not formed"):
+        value.sum().backward()
 
 
 def test_bad_planes_and_arguments_are_clear_errors():

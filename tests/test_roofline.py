@@ -37,25 +37,35 @@ def test_gather_official_and_tile_counts():
     tf32 = _by_kernel(roofline.step_costs(7, "official tf32", torch.float32))
     assert tf32["official tf32"].rate == "tf32"
     tile = _by_kernel(roofline.step_costs(7, "tile", torch.float32, bits=4))
-    flops = sum(tile[f"tile {n}"].flops for n in ("fwd", "grad_B", "grad_A"))
-    assert flops == pytest.approx(10 * ENTRIES_4096 * 128)  # 2 + 4 + 4 k·d·r
-    assert "tile extra fwd" not in tile  # no position above 15 after 7 tasks
-    # L2 re-reads of fp32 factor tiles: k·r·4·⌈d/BLOCK_N⌉ + d·r·4·⌈k/BLOCK_M⌉, plus the plane
-    fwd = tile["tile fwd"]
-    block_m, block_n = roofline.tile_blocks()["fwd"]
-    rereads = (4096 * 128 * 4 * math.ceil(4096 / block_n)) * 128
-    rereads += (4096 * 128 * 4 * math.ceil(4096 / block_m)) * 128
-    assert fwd.l2_bytes == pytest.approx(rereads + ENTRIES_4096 * 4 / 8)
-    assert fwd.alu_ops == roofline.DECODE_OPS * ENTRIES_4096
+    assert set(tile) == {"tile fwd+grad_B", "tile grad_A"}  # no position above 15 after 7 tasks
+    flops = sum(tile[f"tile {n}"].flops for n in ("fwd+grad_B", "grad_A"))
+    assert flops == pytest.approx(8 * ENTRIES_4096 * 128)  # (2 + 2) + (2 + 2) k·d·r
+    # The row owner reads its B block once and A once per row block; it writes dB in fp32.
+    row = tile["tile fwd+grad_B"]
+    row_m, _ = roofline.tile_blocks()["fwd+grad_B"]
+    b_bytes = a_bytes = 4096 * 128 * 4 * 128
+    assert row.l2_bytes == pytest.approx(
+        b_bytes + a_bytes * math.ceil(4096 / row_m) + ENTRIES_4096 * 4 / 8 + b_bytes
+    )
+    assert row.alu_ops == roofline.DECODE_OPS * ENTRIES_4096
+    # The column owner reads its A block once and B once per column block, writes dA and
+    # scales the saved dB (fp32 read, fp32 write).
+    col = tile["tile grad_A"]
+    _, col_n = roofline.tile_blocks()["grad_A"]
+    assert col.l2_bytes == pytest.approx(
+        a_bytes + b_bytes * math.ceil(4096 / col_n) + ENTRIES_4096 / 2 + a_bytes + 2 * b_bytes
+    )
     bits1 = _by_kernel(roofline.step_costs(7, "tile", torch.float32, bits=1))
     multi = roofline.mask_fractions(0.02, 7)["multi"] * ENTRIES_4096
     assert bits1["tile extra fwd"].flops == pytest.approx(2 * multi * 128)
     # tf32x3 triples the tensor work; bf16 factors run at the bf16 rate
     x3 = _by_kernel(roofline.step_costs(7, "tile", torch.float32, bits=4, input_precision="tf32x3"))
-    assert x3["tile fwd"].flops == pytest.approx(3 * fwd.flops)
-    assert _by_kernel(roofline.step_costs(7, "tile", torch.bfloat16, bits=4))["tile fwd"].rate == (
-        "bf16"
-    )
+    assert x3["tile fwd+grad_B"].flops == pytest.approx(3 * row.flops)
+    bf16 = _by_kernel(roofline.step_costs(7, "tile", torch.bfloat16, bits=4))
+    assert bf16["tile fwd+grad_B"].rate == "bf16"
+    # Ranks above 128: ΔW re-formed once per rank chunk in each owner.
+    wide = _by_kernel(roofline.tile_costs(4096, 4096, 1, 256, 4, 4), "4096×4096 ×1")
+    assert wide["tile grad_A"].flops == pytest.approx((2 * 2 + 2) * 4096 * 4096 * 256)
 
 
 def test_tile_blocks_follow_the_kernels_configs(monkeypatch):
@@ -64,14 +74,23 @@ def test_tile_blocks_follow_the_kernels_configs(monkeypatch):
     monkeypatch.setattr(reglora_tile, "FWD_CONFIGS_CUDA", [({"BLOCK_M": 64, "BLOCK_N": 128}, 4, 1)])
     monkeypatch.setattr(
         reglora_tile,
-        "GRAD_CONFIGS_CUDA",
-        [({"BLOCK_M": 32, "BLOCK_N": 32}, 4, 1), ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1)],
+        "ROW_OWNER_CONFIGS_CUDA",
+        [({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 1), ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 1)],
     )
-    assert roofline.tile_blocks() == {"fwd": (64, 128), "grad_B": (64, 32), "grad_A": (64, 32)}
+    monkeypatch.setattr(
+        reglora_tile,
+        "COL_OWNER_CONFIGS_CUDA",
+        [({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 1), ({"BLOCK_M": 32, "BLOCK_N": 128}, 4, 1)],
+    )
+    assert roofline.tile_blocks() == {
+        "fwd": (64, 128),
+        "fwd+grad_B": (64, 32),  # the largest BLOCK_M: A re-read once per row block
+        "grad_A": (32, 128),  # the largest BLOCK_N: B re-read once per column block
+    }
     tile = _by_kernel(roofline.step_costs(7, "tile", torch.float32, bits=4))
-    rereads = (4096 * 128 * 4 * (4096 // 32) + 4096 * 128 * 4 * (4096 // 64)) * 128
-    grad_b = tile["tile grad_B"]
-    assert grad_b.l2_bytes == pytest.approx(rereads + ENTRIES_4096 / 2 + 4096 * 128 * 4 * 128)
+    factor = 4096 * 128 * 4 * 128
+    row = tile["tile fwd+grad_B"]
+    assert row.l2_bytes == pytest.approx(factor + factor * 4096 // 64 + ENTRIES_4096 / 2 + factor)
 
 
 def test_reported_time_is_the_binding_bound():
