@@ -8,7 +8,7 @@ from sefe_fast.data.coin import (
     collate_train,
     load_train_dataset,
 )
-from sefe_fast.data.coin_test import TestRecord, load_test_records
+from sefe_fast.data.coin_test_records import TestRecord, load_test_records
 from sefe_fast.data.conversation import (
     SYSTEM_PROMPT,
     TokenizedConversation,

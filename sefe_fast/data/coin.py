@@ -1,4 +1,4 @@
-"""Loading CoIN's on-disk layout: LLaVA-format train files (test files: `data/coin_test.py`).
+"""Loading CoIN's on-disk layout: LLaVA-format train files (test files: coin_test_records.py).
 
 Per task CoIN has a `train.json` (a list of `{"id", "image", "conversations"}` in LLaVA's
 format; ASD files such as `train_x20.json` have the same layout) and a `test.json` (a list of
