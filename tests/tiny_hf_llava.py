@@ -52,6 +52,16 @@ def char_tokenizer_without_image() -> PreTrainedTokenizerFast:
     )
 
 
+def _tower_sizes(hidden: int, layers: int) -> dict[str, int]:
+    """The sizes both tiny towers share the form of: width, 2× MLP width, layers, 2 heads."""
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+    }
+
+
 def write_llava_parts(
     root: Path, *, projector_scale: float = 1.0, projector_bias: bool = True
 ) -> LlavaParts:
@@ -65,25 +75,15 @@ def write_llava_parts(
     llm = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tokenizer.get_vocab()),
-            hidden_size=LLM_HIDDEN,
-            intermediate_size=2 * LLM_HIDDEN,
-            num_hidden_layers=2,
-            num_attention_heads=2,
             num_key_value_heads=2,
             max_position_embeddings=4096,
+            **_tower_sizes(LLM_HIDDEN, layers=2),
         )
     )
     llm.save_pretrained(root / "llm")
     tokenizer.save_pretrained(root / "llm")
     vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=VISION_HIDDEN,
-            intermediate_size=2 * VISION_HIDDEN,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
+        CLIPVisionConfig(image_size=32, patch_size=8, **_tower_sizes(VISION_HIDDEN, layers=3))
     )
     vision.save_pretrained(root / "clip")
     tiny_image_processor(32).save_pretrained(root / "clip")
