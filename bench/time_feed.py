@@ -27,8 +27,7 @@ import torch
 from sefe_fast.data.coin import collate_train, load_train_dataset
 from sefe_fast.model.tiny import TinyConfig, build_tiny_model
 from sefe_fast.train.distributed import DistContext
-from sefe_fast.train.feed import micro_batch_loader
-from sefe_fast.train.loop import BatchSchedule
+from sefe_fast.train.feed import BatchSchedule, micro_batch_loader
 
 
 def main() -> None:

@@ -30,6 +30,11 @@ is the matrix index); a single matrix is a group of one:
 Multiplicities stay in the plan (already on the device); the forward saves only the
 int8 sign (1 byte per unique position, ternary so that sign(0) = 0 exactly as
 torch.abs's gradient: a fresh LoRA has B = 0, so ΔW = 0 at every position).
+
+(Past 450 lines because this is one fused op, kept in one file by the project's rule: the
+three kernels, their launchers and the autograd.Function, the grouped plan every one of
+them reads (`GroupedPositionPlan`, also the tile masks' extra lists) and the ahead-of-time
+launch list the compile report uses, shared with `reglora_tile.py`.)
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sefe_fast.data.coin import load_test_records
+from sefe_fast.data.coin_test_records import load_test_records
 from sefe_fast.run_layout import minicoin_dir, results_path
 
 # How many missing or extra question ids an error lists.

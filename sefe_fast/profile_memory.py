@@ -1,6 +1,6 @@
-"""`python -m sefe_fast.profile_memory`: the documented entry point of `sefe_fast.bench.profile_memory`."""
+"""`python -m sefe_fast.profile_memory`: the documented entry point of `sefe_fast.bench.profile_report`."""
 
-from sefe_fast.bench.profile_memory import main
+from sefe_fast.bench.profile_report import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,4 +1,5 @@
-"""A tiny CoIN in the real on-disk formats, and a tiny random HF LLaVA to run it with.
+"""A tiny CoIN in the real on-disk formats (the tiny random HF LLaVA to run it with:
+`tiny_hf_llava.write_tiny_llava`).
 
 `write_coin_fixture(root)` writes, for all eight tasks, `root/<Task>/train.json` (LLaVA
 conversations) and `root/<Task>/test.json` (`{question_id, image, text, answer}`) as CoIN
@@ -9,9 +10,6 @@ one with `"image": null`) in train and test, ScienceQA's one-line options
 ("Options: (A) ... (B) ..."), TextVQA integer question ids scored against the annotation
 file, Grounding's `answer_bbox` and `size`, ImageNet class labels, OCR-VQA titles, authors
 and genres.
-
-`write_tiny_llava(root)` saves a randomly initialised 2-layer LLaVA (character vocabulary,
-CLIP 32 px, patch 8) with its tokenizer and image processor, loadable with `--model`.
 """
 
 from __future__ import annotations
@@ -21,20 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import (
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
 
-from sefe_fast.data.char_tokenizer import build_char_tokenizer
-from sefe_fast.model.build import assemble_llava
-from sefe_fast.model.tiny import tiny_image_processor
 from sefe_fast.tasks import GROUNDING_SUFFIX, MCQ_SUFFIX, SHORT_SUFFIX
 
 VIZWIZ_HINT = "When the provided information is insufficient, respond with 'Unanswerable'."
@@ -260,55 +246,3 @@ def write_coin_fixture(root: Path) -> dict[str, int]:
             "OCRVQA",
         )
     }
-
-
-def write_tiny_llava(root: Path) -> Path:
-    """Save a random tiny HF LLaVA (model, tokenizer with <image>, image processor) under
-    `root/llava` and return that directory."""
-    parts = root / "parts"
-    chars = [t for t, _ in sorted(build_char_tokenizer().get_vocab().items(), key=lambda x: x[1])]
-    vocab = {t: i for i, t in enumerate(c for c in chars if c != "<image>")}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            max_position_embeddings=4096,
-        )
-    )
-    llm.save_pretrained(parts / "llm")
-    tokenizer.save_pretrained(parts / "llm")
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    )
-    vision.save_pretrained(parts / "clip")
-    tiny_image_processor(32).save_pretrained(parts / "clip")
-    projector = {
-        "model.mm_projector.0.weight": torch.randn(32, 16) * 0.1,
-        "model.mm_projector.0.bias": torch.zeros(32),
-        "model.mm_projector.2.weight": torch.randn(32, 32) * 0.1,
-        "model.mm_projector.2.bias": torch.zeros(32),
-    }
-    torch.save(projector, parts / "mm_projector.bin")
-    bundle = assemble_llava(parts / "llm", parts / "clip", parts / "mm_projector.bin")
-    out = root / "llava"
-    bundle.model.save_pretrained(out)
-    bundle.tokenizer.save_pretrained(out)
-    bundle.image_processor.save_pretrained(out)
-    return out

@@ -10,7 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from coin_fixture import write_coin_fixture, write_tiny_llava
+from coin_fixture import write_coin_fixture
+from tiny_hf_llava import write_tiny_llava
 
 from sefe_fast.data.textvqa import TEXTVQA_ANNOTATION_FILE
 from sefe_fast.evaluation import read_predictions, rescore_run

@@ -8,9 +8,11 @@ import json
 
 import pytest
 import torch
-from coin_fixture import textvqa_human_answers, write_coin_fixture, write_tiny_llava
+from coin_fixture import textvqa_human_answers, write_coin_fixture
+from tiny_hf_llava import write_tiny_llava
 
-from sefe_fast.data.coin import CoinDataError, collate_train, load_test_records, load_train_dataset
+from sefe_fast.data.coin import CoinDataError, collate_train, load_train_dataset
+from sefe_fast.data.coin_test_records import load_test_records
 from sefe_fast.data.textvqa import (
     TEXTVQA_ANNOTATION_FILE,
     attach_human_answers,

@@ -12,12 +12,8 @@ from PIL import Image
 from transformers import AutoTokenizer, CLIPImageProcessor
 
 from sefe_fast.data.char_tokenizer import IMAGE_TOKEN, build_char_tokenizer
-from sefe_fast.data.coin import (
-    CoinDataError,
-    collate_train,
-    load_test_records,
-    load_train_dataset,
-)
+from sefe_fast.data.coin import CoinDataError, collate_train, load_train_dataset
+from sefe_fast.data.coin_test_records import load_test_records
 from sefe_fast.data.conversation import (
     SYSTEM_PROMPT,
     build_generation_prompt,

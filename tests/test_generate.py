@@ -63,9 +63,9 @@ def test_batched_greedy_matches_unbatched_reference():
     torch.manual_seed(1)
     pixels = torch.randn(len(prompts), 3, 32, 32)
     eos = tok.eos_token_id
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        batched = greedy_generate(
+
+    def generate(batch_size: int) -> list[list[int]]:
+        return greedy_generate(
             model,
             prompts,
             pixels,
@@ -73,8 +73,12 @@ def test_batched_greedy_matches_unbatched_reference():
             eos_token_id=eos,
             pad_token_id=tok.pad_token_id,
             banned_token_ids=[bundle.image_token_id],
-            batch_size=4,
+            batch_size=batch_size,
         )
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batched = generate(batch_size=4)
     # The KV cache is passed under the installed transformers' own keyword: no deprecation
     # warning per decoding step (a default run used to print 512).
     assert not [w for w in caught if "past_key_values" in str(w.message)]
@@ -85,16 +89,7 @@ def test_batched_greedy_matches_unbatched_reference():
     assert batched == reference
     assert len({tuple(o) for o in batched}) > 1  # not a degenerate constant output
     # Different batch sizes (different padding) give the same outputs, in input order.
-    again = greedy_generate(
-        model,
-        prompts,
-        pixels,
-        max_new_tokens=12,
-        eos_token_id=eos,
-        pad_token_id=tok.pad_token_id,
-        banned_token_ids=[bundle.image_token_id],
-        batch_size=3,
-    )
+    again = generate(batch_size=3)
     assert again == reference
 
 

@@ -17,18 +17,25 @@ from sefe_fast.reglora.penalty import BACKENDS
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_smoke_run_writes_a_complete_passing_report(tmp_path):
+def _run_smoke(out: Path, *options: str, timeout: int) -> tuple[int, str, dict]:
+    """Run `bench/gpu_check.py --smoke` writing into `out`: (exit code, stderr, report)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     result = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--smoke", "--out", str(tmp_path)],
+        [sys.executable, "bench/gpu_check.py", "--smoke", *options, "--out", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / gpu_check.OUT_NAME).read_text())
+    path = out / gpu_check.OUT_NAME
+    assert path.is_file(), f"no report (exit {result.returncode}): {result.stderr[-3000:]}"
+    return result.returncode, result.stderr, json.loads(path.read_text())
+
+
+def test_smoke_run_writes_a_complete_passing_report(tmp_path):
+    code, stderr, report = _run_smoke(tmp_path, timeout=240)
+    assert code == 0, stderr[-3000:]
     assert report["mode"] == "smoke" and report["all_ok"] is True
     assert not list(tmp_path.glob(".*tmp*")), "the JSON must be written atomically"
     size = gpu_check.SMOKE
@@ -104,25 +111,8 @@ def test_flash_attn_events_are_told_from_pytorchs_own_flash_kernels(name, is_fa2
 
 
 def test_sections_past_the_time_budget_are_skipped_and_fail_the_run(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "bench/gpu_check.py",
-            "--smoke",
-            "--budget-s",
-            "0",
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1, result.stderr[-3000:]
-    report = json.loads((tmp_path / gpu_check.OUT_NAME).read_text())
+    code, stderr, report = _run_smoke(tmp_path, "--budget-s", "0", timeout=120)
+    assert code == 1, stderr[-3000:]
     assert report["environment"]["penalty_backends"]  # the first section always runs
     assert report["correctness"] == {"skipped": "time budget of 0 s spent"}
     assert report["all_ok"] is False

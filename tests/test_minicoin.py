@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from sefe_fast.asd.formats import has_format, has_response_kind
-from sefe_fast.data.coin import load_test_records, read_json_records
+from sefe_fast.data.coin import read_json_records
+from sefe_fast.data.coin_test_records import load_test_records
 from sefe_fast.data.minicoin import (
     DEFAULT_N_TEST,
     DEFAULT_N_TRAIN,

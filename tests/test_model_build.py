@@ -2,67 +2,19 @@
 
 import pytest
 import torch
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import (
-    CLIPVisionConfig,
-    CLIPVisionModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-)
+from tiny_hf_llava import write_llava_parts
+from transformers import PreTrainedTokenizerFast
 
-from sefe_fast.data.char_tokenizer import build_char_tokenizer
 from sefe_fast.model.accel import AccelConfig, attention_implementation, compute_dtype
 from sefe_fast.model.build import assemble_llava, load_llava, load_projector_state
-from sefe_fast.model.tiny import tiny_image_processor
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """A tiny random LLM dir (tokenizer without <image>), CLIP dir and LLaVA projector file."""
-    root = tmp_path_factory.mktemp("parts")
-    # An LLM tokenizer that lacks <image> (like Vicuna's): the characters, re-numbered.
-    chars = [t for t, _ in sorted(build_char_tokenizer().get_vocab().items(), key=lambda x: x[1])]
-    vocab = {t: i for i, t in enumerate(c for c in chars if c != "<image>")}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
-    assert "<image>" not in tok.get_vocab()
-    torch.manual_seed(0)
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    )
-    llm.save_pretrained(root / "llm")
-    tok.save_pretrained(root / "llm")
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-    )
-    vision.save_pretrained(root / "clip")
-    tiny_image_processor(32).save_pretrained(root / "clip")
-    projector = {
-        "model.mm_projector.0.weight": torch.randn(32, 16),
-        "model.mm_projector.0.bias": torch.randn(32),
-        "model.mm_projector.2.weight": torch.randn(32, 32),
-        "model.mm_projector.2.bias": torch.randn(32),
-    }
-    torch.save(projector, root / "mm_projector.bin")
-    return root, llm, vision, projector
+    saved = write_llava_parts(tmp_path_factory.mktemp("parts"))
+    assert "<image>" not in PreTrainedTokenizerFast.from_pretrained(saved.root / "llm").get_vocab()
+    return saved.root, saved.llm, saved.vision, saved.projector
 
 
 def test_assembled_llava_holds_the_parts(parts):

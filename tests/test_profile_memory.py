@@ -13,11 +13,11 @@ from sefe_fast.bench.profile_memory import (
     ROW_KEYS,
     PenaltyMemory,
     aggregate_peak,
-    main,
     measure_penalty_memory,
     profile,
     vanilla_mask_bytes,
 )
+from sefe_fast.bench.profile_report import main
 from sefe_fast.bench.workloads import TASK_SEED_BASE, random_lora, task_selection
 from sefe_fast.reglora import merge_key_elements, select_key_elements
 

@@ -16,8 +16,8 @@ from sefe_fast.data.char_tokenizer import IMAGE_TOKEN, build_char_tokenizer
 from sefe_fast.data.coin import collate_train, load_train_dataset
 from sefe_fast.model.accel import AccelConfig
 from sefe_fast.train.distributed import DistContext
-from sefe_fast.train.feed import micro_batch_loader, resolve_num_workers
-from sefe_fast.train.loop import BatchSchedule, LoopConfig, train_task
+from sefe_fast.train.feed import BatchSchedule, micro_batch_loader, resolve_num_workers
+from sefe_fast.train.loop import LoopConfig, train_task
 
 CPU = torch.device("cpu")
 N_RECORDS = 40

@@ -16,8 +16,8 @@ from sefe_fast.train.checkpoint import (
     save_train_state,
 )
 from sefe_fast.train.distributed import DistContext
+from sefe_fast.train.feed import BatchSchedule
 from sefe_fast.train.loop import (
-    BatchSchedule,
     LoopConfig,
     NonFiniteLossError,
     check_finite_weights,

@@ -35,6 +35,7 @@ from sefe_fast.reglora.device_mask import build_device_mask, choose_bits, mask_s
 from sefe_fast.reglora.key_elements import merge_key_elements
 from sefe_fast.reglora.storage import load_key_elements
 from sefe_fast.roofline import mask_fractions
+from sefe_fast.run_results import markdown_table
 
 
 def overlap_rows(directory: Path) -> list[dict]:
@@ -112,40 +113,34 @@ def scenario_rows(tasks: int = 7, rank: int = 128, ratio: float = 0.02) -> list[
 
 def format_scenarios(rows: list[dict]) -> str:
     """Markdown table of `scenario_rows` (GB)."""
-    lines = [
-        "| masks merged | positions chosen ≥ 2× | vanilla GB | gather GB | tile 1-bit GB "
-        "| tile 4-bit GB | chosen tile GB |",
-        "|---|---|---|---|---|---|---|",
+    header = ["masks merged", "positions chosen ≥ 2×", "vanilla GB", "gather GB"]
+    header += ["tile 1-bit GB", "tile 4-bit GB", "chosen tile GB"]
+    keys = ("vanilla_bytes", "bytes_gather", "bytes_tile1", "bytes_tile4", "bytes_tile")
+    table = [
+        [f"{r['prior_tasks']} {r['scenario']}", f"{r['multi']:,}"]
+        + [f"{r[key] / 1e9:.3f}" for key in keys]
+        for r in rows
     ]
-    for r in rows:
-        cells = [r[key] / 1e9 for key in ("vanilla_bytes", "bytes_gather", "bytes_tile1")]
-        cells += [r["bytes_tile4"] / 1e9, r["bytes_tile"] / 1e9]
-        lines.append(
-            f"| {r['prior_tasks']} {r['scenario']} | {r['multi']:,} | "
-            + " | ".join(f"{c:.3f}" for c in cells)
-            + " |"
-        )
-    return "\n".join(lines)
+    return markdown_table(header, table)
 
 
 def format_rows(rows: list[dict]) -> str:
     """Markdown table of `overlap_rows`."""
-    lines = [
-        "| merged tasks | unique % (indep.) | chosen ≥ 2× (indep. %) | overlap | vanilla B "
-        "| gather B | tile 1-bit B | tile 4-bit B | chosen tile B |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        overlap = "-" if r["overlap"] is None else f"{r['overlap']:.3f}×"
-        lines.append(
-            f"| {r['prior_tasks']} | {100 * r['unique_fraction']:.2f} "
-            f"({100 * r['independent_unique_fraction']:.2f}) | "
+    header = ["merged tasks", "unique % (indep.)", "chosen ≥ 2× (indep. %)", "overlap"]
+    header += ["vanilla B", "gather B", "tile 1-bit B", "tile 4-bit B", "chosen tile B"]
+    keys = ("vanilla_bytes", "bytes_gather", "bytes_tile1", "bytes_tile4", "bytes_tile")
+    table = [
+        [
+            str(r["prior_tasks"]),
+            f"{100 * r['unique_fraction']:.2f} ({100 * r['independent_unique_fraction']:.2f})",
             f"{r['multi']:,} = {100 * r['multi_fraction']:.4f} % "
-            f"({100 * r['independent_multi_fraction']:.3f} %) | "
-            f"{overlap} | {r['vanilla_bytes']:,} | {r['bytes_gather']:,} | "
-            f"{r['bytes_tile1']:,} | {r['bytes_tile4']:,} | {r['bytes_tile']:,} |"
-        )
-    return "\n".join(lines)
+            f"({100 * r['independent_multi_fraction']:.3f} %)",
+            "-" if r["overlap"] is None else f"{r['overlap']:.3f}×",
+        ]
+        + [f"{r[key]:,}" for key in keys]
+        for r in rows
+    ]
+    return markdown_table(header, table)
 
 
 def main(argv: list[str] | None = None) -> int:

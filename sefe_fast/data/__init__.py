@@ -5,11 +5,10 @@ from sefe_fast.data.coin import (
     CoinDataError,
     CoinTrainDataset,
     LoadStats,
-    TestRecord,
     collate_train,
-    load_test_records,
     load_train_dataset,
 )
+from sefe_fast.data.coin_test_records import TestRecord, load_test_records
 from sefe_fast.data.conversation import (
     SYSTEM_PROMPT,
     TokenizedConversation,

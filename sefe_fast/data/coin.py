@@ -1,4 +1,4 @@
-"""Loading CoIN's on-disk layout: LLaVA-format train files and `{question_id, ...}` test files.
+"""Loading CoIN's on-disk layout: LLaVA-format train files (test files: coin_test_records.py).
 
 Per task CoIN has a `train.json` (a list of `{"id", "image", "conversations"}` in LLaVA's
 format; ASD files such as `train_x20.json` have the same layout) and a `test.json` (a list of
@@ -106,24 +106,6 @@ class LoadStats:
         return line
 
 
-@dataclass
-class TestRecord:
-    """One CoIN test question. `image` is the resolved path (None for a text-only question);
-    `extra` holds the other fields."""
-
-    question_id: str
-    image: Path | None
-    text: str
-    answer: str | list[str]
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def gold(self) -> str | list[str]:
-        """What the scorer compares with: `answer_bbox` when present (Grounding), else `answer`."""
-        bbox = self.extra.get("answer_bbox")
-        return bbox if bbox is not None else self.answer
-
-
 def read_json_records(json_path: str | os.PathLike) -> list[Any]:
     """Read a JSON list (`.json`) or one JSON value per line (`.jsonl`); errors name the file."""
     path = Path(json_path)
@@ -141,7 +123,8 @@ def read_json_records(json_path: str | os.PathLike) -> list[Any]:
     return data
 
 
-def _record_label(record: Any, index: int, key: str) -> str:
+def record_label(record: Any, index: int, key: str) -> str:
+    """How an error names a record: by its `key` field (`id`, `question_id`) and index."""
     ident = record.get(key) if isinstance(record, dict) else None
     return f"record {ident!r} (index {index})" if ident is not None else f"record at index {index}"
 
@@ -153,7 +136,7 @@ def _check_image_field(image: Any) -> None:
         )
 
 
-def _record_image(
+def record_image_path(
     record: dict[str, Any], image_root: Path, verify_images: bool, decode: bool = False
 ) -> Path | None:
     """The record's resolved image path, or None for a text-only record (no or null `image`)
@@ -202,12 +185,14 @@ def _check_train_record(
             )
         if IMAGE_TOKEN not in conversations[0]["value"]:
             raise ValueError(f"{IMAGE_TOKEN} must be in the first human turn")
-    return str(record["id"]), _record_image(record, image_root, verify_images, decode)
+    return str(record["id"]), record_image_path(record, image_root, verify_images, decode)
 
 
-def _fail_or_skip(
+def fail_or_skip(
     stats: LoadStats, skip_bad: bool, source: Path, label: str, problem: BaseException
 ) -> None:
+    """A bad record: raise CoinDataError naming `source`, `label` and `problem`, or with
+    `skip_bad` count it in `stats` (by the problem's kind) and go on."""
     message = f"{source}: {label}: {problem}"
     if not skip_bad:
         raise CoinDataError(message) from problem
@@ -354,7 +339,7 @@ def load_train_dataset(
             # here, not crash the loop mid-task (without skip_bad only headers are read).
             record_id, image_path = _check_train_record(record, root, verify_images, skip_bad)
         except (ValueError, OSError) as problem:
-            _fail_or_skip(stats, skip_bad, source, _record_label(record, index, "id"), problem)
+            fail_or_skip(stats, skip_bad, source, record_label(record, index, "id"), problem)
             continue
         columns["id"].append(record_id)
         columns["image"].append(str(image_path) if image_path is not None else "")
@@ -467,59 +452,3 @@ def collate_train(
         "labels": labels,
         "pixel_values": pixel_values,
     }
-
-
-def _check_test_record(record: Any, image_root: Path, verify_images: bool) -> TestRecord:
-    """Validate one test record and build its TestRecord, or raise ValueError with the problem."""
-    if not isinstance(record, dict):
-        raise ValueError(f"not a JSON object ({type(record).__name__})")
-    for key in ("question_id", "text", "answer"):
-        if key not in record:
-            raise ValueError(f"missing key {key!r}")
-    if not isinstance(record["question_id"], str | int):
-        raise ValueError("'question_id' must be a string or an integer")
-    if not isinstance(record["text"], str) or not record["text"].strip():
-        raise ValueError("'text' must be a non-empty string")
-    answer = record["answer"]
-    if isinstance(answer, list):
-        if not answer or not all(isinstance(a, str) for a in answer):
-            raise ValueError("'answer' must be a string or a non-empty list of strings")
-    elif not isinstance(answer, str):
-        raise ValueError(f"'answer' must be a string, got {type(answer).__name__}")
-    if "answer_bbox" in record and not isinstance(record["answer_bbox"], str | list):
-        raise ValueError("'answer_bbox' must be a string '[x1, y1, x2, y2]' or a list")
-    image_path = _record_image(record, image_root, verify_images)
-    extra = {k: v for k, v in record.items() if k not in ("question_id", "image", "text", "answer")}
-    return TestRecord(str(record["question_id"]), image_path, record["text"], answer, extra)
-
-
-def load_test_records(
-    json_path: str | os.PathLike,
-    image_root: str | os.PathLike,
-    *,
-    skip_bad: bool = False,
-    verify_images: bool = True,
-    stats: LoadStats | None = None,
-) -> list[TestRecord]:
-    """Read a CoIN test file into TestRecords (images resolved against `image_root`).
-
-    A bad record raises CoinDataError naming file, record and problem, or with `skip_bad`
-    is skipped, counted in `stats` (if given) and logged as a warning.
-    """
-    source = Path(json_path)
-    root = Path(image_root)
-    stats = stats if stats is not None else LoadStats()
-    stats.source = str(source)
-    records = read_json_records(source)
-    stats.n_records = len(records)
-    out: list[TestRecord] = []
-    for index, record in enumerate(records):
-        try:
-            out.append(_check_test_record(record, root, verify_images))
-        except (ValueError, OSError) as problem:
-            label = _record_label(record, index, "question_id")
-            _fail_or_skip(stats, skip_bad, source, label, problem)
-    stats.n_kept = len(out)
-    if stats.n_bad_skipped:
-        logger.warning(stats.summary())
-    return out

@@ -1,7 +1,8 @@
-"""Feeding the training loop: a DataLoader over the loop's deterministic micro-batch schedule.
+"""Feeding the training loop: the deterministic micro-batch schedule and a DataLoader over it.
 
-The order of samples is fixed by `BatchSchedule` (`sefe_fast.train.loop`): micro-batch m of
-a task holds the same dataset indices on a given rank whatever else happens. The loader
+The order of samples is fixed by `BatchSchedule`: micro-batch m of a task holds the same
+dataset indices on a given rank whatever else happens (`group_by_length` decides who shares
+a micro-batch). The loader
 only decides *where* the samples are read: with `num_workers = 0` in the training process
 (the CPU default: worker processes would compete with the model for the cores), with
 `num_workers > 0` in worker processes that read, decode and pad-to-square the images and
@@ -19,11 +20,104 @@ torch RNG, whose state (LoRA dropout) is part of the checkpoint.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler, get_worker_info
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, get_worker_info
+
+from sefe_fast.train.distributed import DistContext
+
+
+class BatchSchedule:
+    """Which dataset indices this rank's micro-batch m (0, 1, ...) holds.
+
+    Epoch e is DistributedSampler's permutation with seed `seed` and epoch e, this rank's
+    share cut into micro-batches of `batch_size` (a short last one dropped); an epoch holds
+    `steps_per_epoch · grad_accum` micro-batches so every step sees whole micro-batches.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        *,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        dist: DistContext,
+        lengths: Sequence[int] | None = None,
+    ):
+        self.n, self.batch_size, self.grad_accum, self.seed, self.dist = (
+            n,
+            batch_size,
+            grad_accum,
+            seed,
+            dist,
+        )
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} samples")
+        self.lengths = lengths
+        per_rank = n // dist.world_size
+        self.steps_per_epoch = per_rank // batch_size // grad_accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"{n} samples are too few for one optimizer step of {batch_size} x "
+                f"{grad_accum} micro-batches on {dist.world_size} ranks"
+            )
+        self._epoch, self._batches = -1, []
+
+    def micro_batch(self, m: int) -> list[int]:
+        """Indices of micro-batch `m` (counted from the start of the task)."""
+        per_epoch = self.steps_per_epoch * self.grad_accum
+        epoch, position = divmod(m, per_epoch)
+        if epoch != self._epoch:
+            sampler = DistributedSampler(
+                range(self.n),
+                num_replicas=self.dist.world_size,
+                rank=self.dist.rank,
+                shuffle=True,
+                seed=self.seed,
+                drop_last=True,
+            )
+            sampler.set_epoch(epoch)
+            order = list(sampler)[: per_epoch * self.batch_size]
+            if self.lengths is not None:
+                self._batches = group_by_length(
+                    order, self.lengths, self.batch_size, seed=self.seed + 1_000 * epoch
+                )
+            else:
+                self._batches = [
+                    order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)
+                ]
+            self._epoch = epoch
+        return self._batches[position]
+
+
+# Micro-batches whose samples are sorted together by length (LLaVA's "megabatch").
+LENGTH_GROUP_BATCHES = 8
+
+
+def group_by_length(
+    order: Sequence[int], lengths: Sequence[int], batch_size: int, *, seed: int
+) -> list[list[int]]:
+    """Cut `order` into micro-batches of similar length: returns lists of dataset indices.
+
+    Every run of `LENGTH_GROUP_BATCHES` micro-batches of `order` is sorted by length and cut
+    again, then all micro-batches are shuffled (seeded). The samples, and which group a sample
+    falls in, stay those of `order`; only who shares a micro-batch changes. With ASD a few
+    samples carry ~300-token explanations: grouped, they no longer pad every batch they land
+    in to their length (the default sefe run on 2 CPU cores: ~10.5 → 7.25 min, two runs one
+    after the other, not a side-by-side benchmark).
+    """
+    group = batch_size * LENGTH_GROUP_BATCHES
+    batches: list[list[int]] = []
+    for start in range(0, len(order), group):
+        chunk = sorted(order[start : start + group], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    random.Random(seed).shuffle(batches)
+    return batches
+
 
 # Workers per rank on CUDA when not set: enough to decode JPEGs for one GPU's micro-batches.
 DEFAULT_CUDA_WORKERS = 4

@@ -13,9 +13,10 @@ token-mean cross-entropy over all of the step's answer tokens on all ranks (each
 micro-batch's summed CE is divided by the global token count), so accumulation and data
 parallelism give the same update as one big batch. The method's extra loss (RegLoRA
 penalty) is added once per step. Data order is a DistributedSampler permutation per epoch,
-cut into per-rank micro-batches, by default grouped by length (`group_by_length`: samples
-of similar length share a micro-batch, so ASD's few long explanations do not pad every
-batch); a resumed loop recomputes the order and starts at its step.
+cut into per-rank micro-batches (`sefe_fast.train.feed.BatchSchedule`), by default grouped
+by length (`group_by_length`: samples of similar length share a micro-batch, so ASD's few
+long explanations do not pad every batch); a resumed loop recomputes the order and starts
+at its step.
 
 Shared prompt prefix (`share_prompt_prefix`): every sample starts with the same tokens
 (bos, the system line, "USER: " — about half of a tiny-model sequence in characters).
@@ -31,7 +32,6 @@ import contextlib
 import copy
 import math
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,7 +39,6 @@ from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
@@ -56,7 +55,7 @@ from sefe_fast.train.distributed import (
     barrier,
     gather_objects,
 )
-from sefe_fast.train.feed import micro_batch_loader
+from sefe_fast.train.feed import BatchSchedule, micro_batch_loader
 from sefe_fast.train.train_log import TrainLog
 
 # Test hook: the process exits abruptly (like a SIGKILL) after this many optimizer steps.
@@ -116,95 +115,6 @@ class LoopResult:
     last_penalty: float
     tokens_per_s: float
     seconds: float
-
-
-class BatchSchedule:
-    """Which dataset indices this rank's micro-batch m (0, 1, ...) holds.
-
-    Epoch e is DistributedSampler's permutation with seed `seed` and epoch e, this rank's
-    share cut into micro-batches of `batch_size` (a short last one dropped); an epoch holds
-    `steps_per_epoch · grad_accum` micro-batches so every step sees whole micro-batches.
-    """
-
-    def __init__(
-        self,
-        n: int,
-        *,
-        batch_size: int,
-        grad_accum: int,
-        seed: int,
-        dist: DistContext,
-        lengths: Sequence[int] | None = None,
-    ):
-        self.n, self.batch_size, self.grad_accum, self.seed, self.dist = (
-            n,
-            batch_size,
-            grad_accum,
-            seed,
-            dist,
-        )
-        if lengths is not None and len(lengths) != n:
-            raise ValueError(f"{len(lengths)} lengths for {n} samples")
-        self.lengths = lengths
-        per_rank = n // dist.world_size
-        self.steps_per_epoch = per_rank // batch_size // grad_accum
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{n} samples are too few for one optimizer step of {batch_size} x "
-                f"{grad_accum} micro-batches on {dist.world_size} ranks"
-            )
-        self._epoch, self._batches = -1, []
-
-    def micro_batch(self, m: int) -> list[int]:
-        """Indices of micro-batch `m` (counted from the start of the task)."""
-        per_epoch = self.steps_per_epoch * self.grad_accum
-        epoch, position = divmod(m, per_epoch)
-        if epoch != self._epoch:
-            sampler = DistributedSampler(
-                range(self.n),
-                num_replicas=self.dist.world_size,
-                rank=self.dist.rank,
-                shuffle=True,
-                seed=self.seed,
-                drop_last=True,
-            )
-            sampler.set_epoch(epoch)
-            order = list(sampler)[: per_epoch * self.batch_size]
-            if self.lengths is not None:
-                self._batches = group_by_length(
-                    order, self.lengths, self.batch_size, seed=self.seed + 1_000 * epoch
-                )
-            else:
-                self._batches = [
-                    order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)
-                ]
-            self._epoch = epoch
-        return self._batches[position]
-
-
-# Micro-batches whose samples are sorted together by length (LLaVA's "megabatch").
-LENGTH_GROUP_BATCHES = 8
-
-
-def group_by_length(
-    order: Sequence[int], lengths: Sequence[int], batch_size: int, *, seed: int
-) -> list[list[int]]:
-    """Cut `order` into micro-batches of similar length: returns lists of dataset indices.
-
-    Every run of `LENGTH_GROUP_BATCHES` micro-batches of `order` is sorted by length and cut
-    again, then all micro-batches are shuffled (seeded). The samples, and which group a sample
-    falls in, stay those of `order`; only who shares a micro-batch changes. With ASD a few
-    samples carry ~300-token explanations: grouped, they no longer pad every batch they land
-    in to their length (the default sefe run on 2 CPU cores: ~10.5 → 7.25 min, two runs one
-    after the other, not a side-by-side benchmark).
-    """
-    group = batch_size * LENGTH_GROUP_BATCHES
-    batches: list[list[int]] = []
-    for start in range(0, len(order), group):
-        chunk = sorted(order[start : start + group], key=lambda i: lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    random.Random(seed).shuffle(batches)
-    return batches
 
 
 def total_steps(cfg: LoopConfig, steps_per_epoch: int) -> int:

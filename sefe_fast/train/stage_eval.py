@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from sefe_fast.data.coin import load_test_records
+from sefe_fast.data.coin_test_records import load_test_records
 from sefe_fast.data.images import image_to_pixel_values, load_image
 from sefe_fast.data.textvqa import (
     attach_human_answers,
