@@ -6,6 +6,7 @@ kill them: abruptly after N steps (the loop's test hook, like a SIGKILL) or with
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -125,7 +126,9 @@ def test_second_run_fails_at_once_and_a_killed_runs_lock_and_temporaries_are_cle
     rerun = run_smoke(run, cache)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"its process {first.pid} on this host is gone" in rerun.stdout
-    assert "removed 2 temporary file(s)" in rerun.stdout
+    # ≥ 2: the run stopped by SIGSTOP may itself have been inside an atomic write.
+    removed = re.search(r"removed (\d+) temporary file\(s\)", rerun.stdout)
+    assert removed and int(removed.group(1)) >= 2, rerun.stdout[-3000:]
     assert not _temporaries(run)
     assert not (run / "run.lock").exists()  # released at the end
     assert json.loads((run / "results.json").read_text())["config"]["method"] == "sefe"
