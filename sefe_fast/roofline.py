@@ -323,7 +323,20 @@ def step_time(costs: list[Cost], gpu: Gpu) -> float:
     return sum(cost.time(gpu)[1] for cost in costs)
 
 
-def _matrix_time(kernel: str, k, d, rank, density, listed, factor_dtype, gpu, bits=1) -> float:
+def matrix_step_time(
+    kernel: str,
+    k: int,
+    d: int,
+    rank: int,
+    density: float,
+    listed: float,
+    factor_dtype: torch.dtype,
+    gpu: Gpu,
+    bits: int = 1,
+) -> float:
+    """Modelled seconds per training step for one k×d matrix: "gather" on `density`
+    distinct positions per entry, or "tile" on a `bits`-bit plane plus the gather kernels
+    on its list of `listed` positions per entry."""
     fb = DTYPE_BYTES[factor_dtype]
     if kernel == "gather":
         costs = gather_costs(k, d, 1, rank, density * k * d, fb)
@@ -347,8 +360,10 @@ def preferred_kernel(
     has `unique_density` distinct positions per entry (`listed_density` of them in the tile
     representation's extra list); ties go to the tile kernels."""
     chosen = gpu_named(gpu)
-    gather = _matrix_time("gather", k, d, rank, unique_density, 0.0, factor_dtype, chosen)
-    tile = _matrix_time("tile", k, d, rank, unique_density, listed_density, factor_dtype, chosen)
+    gather = matrix_step_time("gather", k, d, rank, unique_density, 0.0, factor_dtype, chosen)
+    tile = matrix_step_time(
+        "tile", k, d, rank, unique_density, listed_density, factor_dtype, chosen
+    )
     return "tile" if tile <= gather else "gather"
 
 
