@@ -16,7 +16,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sefe_fast import paper_defaults
-from sefe_fast.memory_budget import Option, budget_bytes, choose_under_budget, guarded_options
+from sefe_fast.memory_budget import (
+    DEFAULT_BUDGET_GB,
+    Option,
+    budget_bytes,
+    choose_under_budget,
+    guarded_options,
+)
 from sefe_fast.position_plan import MaskStats, PositionPlan
 from sefe_fast.reglora.device_mask import (
     PLANE_BITS,
@@ -41,9 +47,7 @@ from sefe_fast.roofline import gpu_named, matrix_step_time, preferred_kernel
 
 # GPU backends -> the DeviceMask kernel they ask for ("auto": the roofline model decides)
 GPU_KERNELS = MASK_KERNELS
-# Resident bytes the GPU path may keep for all masks together (RunConfig.reg_gpu_budget_gb):
-# the goal for LLaVA-7B at task 8 (docs/kernels.md).
-DEFAULT_GPU_BUDGET_GB = 1.5
+DEFAULT_GPU_BUDGET_GB = DEFAULT_BUDGET_GB  # RunConfig.reg_gpu_budget_gb's default
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
