@@ -72,6 +72,7 @@ from sefe_fast.bench.workloads import (
     task_selection,
 )
 from sefe_fast.io_utils import atomic_path
+from sefe_fast.memory_budget import budget_bytes
 from sefe_fast.paper_defaults import MASK_RATIO
 from sefe_fast.position_plan import plan_tensors
 from sefe_fast.reglora import (
@@ -237,7 +238,7 @@ def budget_resident(
         rank,
         dtype,
         gpu,
-        int(gpu_budget_gb * 1e9),
+        budget_bytes(gpu_budget_gb),
     )
     picks: dict[tuple[int, int], dict[int, int]] = {shape: {} for shape in masks}
     for ((k, d), i), _ in named.items():
@@ -341,7 +342,7 @@ def profile(
             )
             bar.update(1)
     bar.close()
-    budget = int(gpu_budget_gb * 1e9)
+    budget = budget_bytes(gpu_budget_gb)
     chosen_at = {p: budget_resident(merged_at[p], rank, dtype, gpu, gpu_budget_gb) for p in prior}
     for p, chosen in chosen_at.items():
         for index, m in enumerate(details):
