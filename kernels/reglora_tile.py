@@ -85,7 +85,7 @@ from sefe_fast_kernels.reglora_penalty import AotLaunch, block_r_for
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
-PLANE_BITS = (1, 4)
+PLANE_BITS = (1, 2, 4)
 INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
 DEFAULT_INPUT_PRECISION = "tf32"
 
@@ -108,7 +108,9 @@ ROW_OWNER_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
     ({"BLOCK_M": 64, "BLOCK_N": 32}, 8, 2),
 ]
 COL_OWNER_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
-    ({"BLOCK_M": 32, "BLOCK_N": 128}, 8, 2),
+    # BLOCK_N = 128 (BLOCK_M 32, 8 warps, 2 stages) was dropped: with bf16 factors on sm_80
+    # it sits at 255 registers and spills 12 bytes with the 1- and 2-bit decodes (the
+    # 4-bit one just fits); other warp/stage counts spill more.
     ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2),
     ({"BLOCK_M": 32, "BLOCK_N": 64}, 4, 3),
 ]
@@ -679,7 +681,7 @@ def penalty_tile_grouped(
 
     lora_bs[m]: k×r, lora_as[m]: r×d (fp32/bf16/fp16, all one dtype, CUDA; fp32 on the CPU
     under TRITON_INTERPRET=1); planes[m]: int32 [k, ceil(d / (32 / bits))] packed counts;
-    bits: 1 or 4; inv_n: fp32 [M], 1/n_total of each matrix's whole mask. Entry m is
+    bits: 1, 2 or 4; inv_n: fp32 [M], 1/n_total of each matrix's whole mask. Entry m is
     inv_n[m] · Σ c_m(i,j) · |(B_m·A_m)(i,j)|; differentiable in every factor (gradients in
     the factors' dtype). input_precision: tl.dot's for fp32 factors (module docstring).
     """
@@ -692,17 +694,23 @@ def penalty_tile_grouped(
 
 
 def aot_launches(
-    k: int = 4096, d: int = 4096, rank: int = 128, dtype: torch.dtype = torch.bfloat16
+    k: int = 4096,
+    d: int = 4096,
+    rank: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+    bits: int = 4,
 ) -> list[AotLaunch]:
     """Representative launches of every kernel in this file (default: a LLaVA-7B q/k/v/o
-    matrix, r = 128, bf16; 4-bit planes — the 1-bit decode differs only in constants)."""
+    matrix, r = 128, bf16; 4-bit planes — the 1- and 2-bit decodes differ only in
+    constants, and tests/test_kernel_report.py compiles the 2-bit ones too)."""
+    if bits not in PLANE_BITS:
+        raise ValueError(f"plane bits must be one of {PLANE_BITS}, got {bits}")
 
     def tensor(tensor_dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(16, dtype=tensor_dtype)
 
     factor, f32 = tensor(dtype), tensor(torch.float32)
     i32, i64 = tensor(torch.int32), tensor(torch.int64)
-    bits = 4
     element_size = torch.empty(0, dtype=dtype).element_size()
     fwd_constexprs = {
         "BITS": bits,

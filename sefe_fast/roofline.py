@@ -50,6 +50,14 @@ from dataclasses import dataclass
 
 import torch
 
+from sefe_fast.memory_budget import (
+    DEFAULT_BUDGET_GB,
+    Option,
+    budget_bytes,
+    choose_under_budget,
+    guarded_options,
+)
+
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 FACTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
@@ -160,15 +168,23 @@ class Cost:
 def mask_fractions(ratio: float, prior_tasks: int) -> dict[str, float]:
     """Fractions of a matrix's entries, for `prior_tasks` independent masks of `ratio`:
     n (positions with multiplicity), unique (chosen at least once), multi (at least twice),
-    above15 (more than 15 times)."""
+    above3 (more than 3 times), above15 (more than 15 times)."""
     p, q = int(prior_tasks), 1.0 - ratio
     at_most = [math.comb(p, c) * ratio**c * q ** (p - c) for c in range(min(p, 15) + 1)]
     return {
         "n": p * ratio,
         "unique": 1.0 - q**p,
         "multi": max(1.0 - sum(at_most[:2]), 0.0) if p > 1 else 0.0,
+        "above3": max(1.0 - sum(at_most[:4]), 0.0) if p > 3 else 0.0,
         "above15": max(1.0 - sum(at_most), 0.0) if p > 15 else 0.0,
     }
+
+
+# The fraction of mask_fractions listed beside a `bits`-bit plane (counts above 2^bits − 1).
+LISTED_FRACTION = {1: "multi", 2: "above3", 4: "above15"}
+# Bytes per listed position (int16 row and column, uint8 count, int32 column order; LLaVA-7B
+# dimensions < 2^15) as the DeviceMask lists hold them.
+LIST_POSITION_BYTES = 9
 
 
 def _shape(k: int, d: int, count: int) -> str:
@@ -310,7 +326,7 @@ def step_costs(
             costs += gather_costs(k, d, count, rank, f["unique"] * k * d, fb)
         elif kernel == "tile":
             costs += tile_costs(k, d, count, rank, bits, fb, input_precision)
-            listed = overlap * (f["multi"] if bits == 1 else f["above15"])
+            listed = overlap * f[LISTED_FRACTION[bits]]
             if listed > 0:
                 costs += gather_costs(k, d, count, rank, listed * k * d, fb, "tile extra")
         else:
@@ -323,7 +339,20 @@ def step_time(costs: list[Cost], gpu: Gpu) -> float:
     return sum(cost.time(gpu)[1] for cost in costs)
 
 
-def _matrix_time(kernel: str, k, d, rank, density, listed, factor_dtype, gpu, bits=1) -> float:
+def matrix_step_time(
+    kernel: str,
+    k: int,
+    d: int,
+    rank: int,
+    density: float,
+    listed: float,
+    factor_dtype: torch.dtype,
+    gpu: Gpu,
+    bits: int = 1,
+) -> float:
+    """Modelled seconds per training step for one k×d matrix: "gather" on `density`
+    distinct positions per entry, or "tile" on a `bits`-bit plane plus the gather kernels
+    on its list of `listed` positions per entry."""
     fb = DTYPE_BYTES[factor_dtype]
     if kernel == "gather":
         costs = gather_costs(k, d, 1, rank, density * k * d, fb)
@@ -347,8 +376,10 @@ def preferred_kernel(
     has `unique_density` distinct positions per entry (`listed_density` of them in the tile
     representation's extra list); ties go to the tile kernels."""
     chosen = gpu_named(gpu)
-    gather = _matrix_time("gather", k, d, rank, unique_density, 0.0, factor_dtype, chosen)
-    tile = _matrix_time("tile", k, d, rank, unique_density, listed_density, factor_dtype, chosen)
+    gather = matrix_step_time("gather", k, d, rank, unique_density, 0.0, factor_dtype, chosen)
+    tile = matrix_step_time(
+        "tile", k, d, rank, unique_density, listed_density, factor_dtype, chosen
+    )
     return "tile" if tile <= gather else "gather"
 
 
@@ -375,8 +406,10 @@ KERNEL_ROWS = (
     "gather",
     "tile 1-bit",
     "tile 1-bit no overlap",
+    "tile 2-bit",
     "tile 4-bit",
     "auto",
+    "budget",
 )
 
 
@@ -402,16 +435,75 @@ def auto_step_time(
     return total
 
 
+def modelled_mask_nbytes(k: int, d: int, bits: int, listed: float) -> float:
+    """Modelled bytes of one k×d DeviceMask: a `bits`-bit int32 plane (none for 0) plus a
+    list of `listed` positions per entry with its row and column offsets."""
+    plane = 0 if bits == 0 else 4 * k * math.ceil(d / (32 // bits))
+    positions = listed * k * d
+    return plane + (positions * LIST_POSITION_BYTES + 4 * (k + d + 2) if positions else 0)
+
+
+def budget_step(
+    prior_tasks: int,
+    factor_dtype: torch.dtype,
+    gpu: Gpu,
+    budget_gb: float = DEFAULT_BUDGET_GB,
+    rank: int = 128,
+    ratio: float = 0.02,
+    shapes=LLAVA_7B_SHAPES,
+) -> dict:
+    """What `backend="triton"` with a resident budget of `budget_gb` picks for independent
+    tasks: per shape group gather or tile (`preferred_kernel`), and for each tile matrix
+    the plane `sefe_fast.memory_budget.choose_under_budget` chooses (the regularizer's
+    policy, on modelled bytes and times). Returns seconds, modelled bytes and the picks
+    ("4096×4096 ×128": {bits: matrices})."""
+    f = mask_fractions(ratio, prior_tasks)
+    items, owners = [], []
+    for k, d, count in shapes:
+        choice = preferred_kernel(k, d, rank, f["unique"], factor_dtype, gpu.name, f["multi"])
+        if choice == "gather":
+            seconds = matrix_step_time("gather", k, d, rank, f["unique"], 0.0, factor_dtype, gpu)
+            options = [Option(0, round(modelled_mask_nbytes(k, d, 0, f["unique"])), seconds)]
+        else:
+            options = []
+            for bits, fraction in LISTED_FRACTION.items():
+                listed = f[fraction]
+                seconds = matrix_step_time("tile", k, d, rank, 0.0, listed, factor_dtype, gpu, bits)
+                nbytes = round(modelled_mask_nbytes(k, d, bits, listed))
+                options.append(Option(bits, nbytes, seconds))
+            vanilla = 16 * f["n"] * k * d
+            options = guarded_options(options, min(options[-1].nbytes, vanilla))
+        items += [options] * count
+        owners += [_shape(k, d, count)] * count
+    chosen = choose_under_budget(items, budget_bytes(budget_gb))
+    picks: dict[str, dict[int, int]] = {}
+    for owner, options, index in zip(owners, items, chosen.chosen):
+        bits = options[index].label
+        picks.setdefault(owner, {}).setdefault(bits, 0)
+        picks[owner][bits] += 1
+    return {"seconds": chosen.seconds, "nbytes": chosen.nbytes, "picks": picks}
+
+
+def format_picks(picks: dict[str, dict[int, int]]) -> str:
+    """ "4096×4096: 96×2b 32×1b; ..." (0b: gather kernels only)."""
+    return "; ".join(
+        f"{shape.split(' ')[0]}: " + " ".join(f"{n}×{b}b" for b, n in sorted(by_bits.items()))
+        for shape, by_bits in picks.items()
+    )
+
+
 def summary(
     factor_dtype: torch.dtype = torch.float32,
     tasks: tuple[int, ...] = tuple(range(1, 8)),
     rank: int = 128,
     ratio: float = 0.02,
     input_precision: str = "tf32",
+    budget_gb: float = DEFAULT_BUDGET_GB,
 ) -> list[dict]:
     """Per prior-task count and GPU: modelled ms per step of every variant (KERNEL_ROWS;
-    "auto": what backend="triton" dispatches), and their speed-up over the official fp32
-    formula."""
+    "auto": backend="triton" with the 1-bit plane everywhere; "budget": backend="triton"
+    with the planes chosen under `budget_gb`, its modelled GB and picks too), and their
+    speed-up over the official fp32 formula."""
     rows = []
     for p in tasks:
         for gpu in GPUS:
@@ -419,6 +511,12 @@ def summary(
             for label in KERNEL_ROWS:
                 if label == "auto":
                     row["auto ms"] = auto_step_time(p, factor_dtype, gpu, rank, ratio) * 1e3
+                    continue
+                if label == "budget":
+                    chosen = budget_step(p, factor_dtype, gpu, budget_gb, rank, ratio)
+                    row["budget ms"] = chosen["seconds"] * 1e3
+                    row["budget GB"] = chosen["nbytes"] / 1e9
+                    row["budget picks"] = format_picks(chosen["picks"])
                     continue
                 kernel, bits = ("tile", int(label[5])) if label.startswith("tile") else (label, 1)
                 overlap = 0.0 if label.endswith("no overlap") else 1.0
@@ -452,6 +550,24 @@ def format_summary(rows: list[dict], factor_dtype_name: str) -> str:
     return "\n".join(lines)
 
 
+def format_budget(rows: list[dict], factor_dtype_name: str, budget_gb: float) -> str:
+    """Markdown: what backend="triton" picks under the resident budget, per task count."""
+    lines = [
+        f'backend="triton" with reg_gpu_budget_gb = {budget_gb:g} ({factor_dtype_name} '
+        "factors, independent tasks; MODELLED time and bytes — measured bytes: "
+        "profile_memory). Picks: matrices per plane (0b: gather kernels only):",
+        "",
+        "| prior tasks | GPU | ms | official fp32 / budget | modelled GB | picks |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['prior_tasks']} | {r['gpu']} | {r['budget ms']:,.1f} | "
+            f"{r['speedup budget']:.1f}× | {r['budget GB']:.3f} | {r['budget picks']} |"
+        )
+    return "\n".join(lines)
+
+
 def format_kernels(costs: list[Cost]) -> str:
     """Markdown: per kernel and shape group, work and binding bound per GPU."""
     names = [gpu.name for gpu in GPUS]
@@ -470,9 +586,13 @@ def format_kernels(costs: list[Cost]) -> str:
     return "\n".join(lines)
 
 
-def report(factor_dtype_name: str = "fp32", detail_tasks: int = 7) -> str:
-    """The full text: the summary over tasks 1–7, then the per-kernel table at one count."""
+def report(
+    factor_dtype_name: str = "fp32", detail_tasks: int = 7, budget_gb: float = DEFAULT_BUDGET_GB
+) -> str:
+    """The full text: the summary over tasks 1–7, what the budget policy picks, then the
+    per-kernel table at one count."""
     dtype = FACTOR_DTYPES[factor_dtype_name]
+    rows = summary(dtype, budget_gb=budget_gb)
     costs = []
     for kernel, bits in (("official fp32", 1), ("official tf32", 1), ("gather", 1)):
         costs += step_costs(detail_tasks, kernel, dtype, bits=bits)
@@ -485,7 +605,9 @@ def report(factor_dtype_name: str = "fp32", detail_tasks: int = 7) -> str:
     )
     return "\n".join(
         [
-            format_summary(summary(dtype), factor_dtype_name),
+            format_summary(rows, factor_dtype_name),
+            "",
+            format_budget(rows, factor_dtype_name, budget_gb),
             "",
             f"Per kernel at {detail_tasks} prior tasks (MODELLED; tile rows: 1-bit plane with "
             "its extra list, then the 4-bit plane):",
@@ -502,12 +624,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--factor-dtype", choices=sorted(FACTOR_DTYPES), default="fp32")
     parser.add_argument("--json", action="store_true", help="print the summary rows as JSON")
+    parser.add_argument(
+        "--budget-gb",
+        type=float,
+        default=DEFAULT_BUDGET_GB,
+        help="resident-memory budget of the device masks for the 'budget' rows (GB, 10⁹ B)",
+    )
     args = parser.parse_args(argv)
     if args.json:
-        rows = summary(FACTOR_DTYPES[args.factor_dtype])
+        rows = summary(FACTOR_DTYPES[args.factor_dtype], budget_gb=args.budget_gb)
         print(json.dumps(rows, indent=1))
     else:
-        print(report(args.factor_dtype))
+        print(report(args.factor_dtype, budget_gb=args.budget_gb))
     return 0
 
 

@@ -100,6 +100,39 @@ def test_kernels_also_compile_for_fp16_and_fp32_factors(dtype, archs):
         assert r.spill_bytes == 0, f"{r.kernel} {dtype} {r.config} spills"
 
 
+def test_two_bit_tile_configs_compile_without_spills_fp32_and_bf16():
+    # The report compiles the 4-bit decode; the 2-bit one (E = 16 counts per word) must
+    # also compile for both archs and both factor dtypes, every config, with 0 spills.
+    code = (
+        "import json, torch\n"
+        "from sefe_fast import kernel_report as kr\n"
+        "from sefe_fast_kernels import reglora_tile as rt\n"
+        "rows = []\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    for launch in rt.aot_launches(dtype=dtype, bits=2):\n"
+        "        fn = kr._jit_function(launch.kernel)\n"
+        "        for kwargs, warps, stages in launch.configs:\n"
+        "            for arch in (80, 90):\n"
+        "                r, _ = kr.compile_kernel(fn, launch.args,"
+        " {**launch.constexprs, **kwargs}, warps, arch, stages)\n"
+        "                rows.append([r.kernel, r.arch, str(dtype), launch.constexprs['BITS'],"
+        " r.spill_bytes, r.stack_bytes, r.shared_bytes])\n"
+        "print(json.dumps(rows))\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    expected = 2 * 2 * sum(CONFIG_COUNTS[k] for k in TILE_KERNELS)  # dtypes × archs × configs
+    assert len(rows) == expected
+    for kernel, arch, dtype, bits, spills, stack, shared in rows:
+        assert bits == 2
+        assert spills == 0 and stack == 0, f"{kernel} {arch} {dtype}: spills {spills}"
+        assert shared <= A100_MAX_SHARED, f"{kernel} {arch} {dtype}: {shared} B shared"
+
+
 def test_a_kernel_missing_from_aot_launches_is_reported(monkeypatch):
     original = reglora_penalty.aot_launches
     monkeypatch.setattr(reglora_penalty, "aot_launches", lambda **kw: original(**kw)[:2])

@@ -85,7 +85,7 @@ def assert_matches(got, expected, value_rel=VALUE_REL, grad_rel=GRAD_REL):
 # some spanning several row and column blocks (the owners' loops); ranks from 1 (padded to
 # the 16 tl.dot needs) to 130 (two rank chunks of 128: no resident owner block, ΔW
 # re-formed from rank steps, the value reported by chunk 0 only).
-@pytest.mark.parametrize("bits", [1, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4])
 @pytest.mark.parametrize(
     ("k", "d", "rank"),
     [(70, 130, 1), (37, 53, 7), (131, 197, 7), (45, 67, 16), (23, 29, 130), (70, 140, 130)],
@@ -101,16 +101,18 @@ def test_plane_penalty_matches_float64_dense_formula(k, d, rank, bits):
     assert_matches(got, dense_reference(lora_b, lora_a, counts, n_total))
 
 
-def test_every_count_value_of_the_4_bit_plane_is_decoded():
-    # Counts 0..15 in every column residue mod 8 (all shifts, including the sign bit's).
+@pytest.mark.parametrize("bits", [2, 4])
+def test_every_count_value_of_a_multi_bit_plane_is_decoded(bits):
+    # Counts 0..2^bits − 1 in every column residue mod E (all shifts, the sign bit's too).
     k, d = 16, 40
-    counts = ((torch.arange(k)[:, None] + torch.arange(d)[None, :]) % 16).to(torch.uint8)
+    top = 1 << bits
+    counts = ((torch.arange(k)[:, None] + torch.arange(d)[None, :]) % top).to(torch.uint8)
     lora_b, lora_a = factors(k, d, 8, seed=3)
-    got = tile(lora_b, lora_a, counts, 4, int(counts.sum()))
+    got = tile(lora_b, lora_a, counts, bits, int(counts.sum()))
     assert_matches(got, dense_reference(lora_b, lora_a, counts, int(counts.sum())))
 
 
-@pytest.mark.parametrize("bits", [1, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4])
 def test_all_positions_chosen(bits):
     k, d = 33, 70
     counts = torch.full((k, d), (1 << bits) - 1, dtype=torch.uint8)
@@ -265,7 +267,7 @@ def test_bad_planes_and_arguments_are_clear_errors():
     ):
         penalty_tile_grouped([lora_b], [lora_a], [plane], 1, inv_n)
     with pytest.raises(ValueError, match="plane bits must be one of"):
-        penalty_tile_grouped([lora_b], [lora_a], [plane], 2, inv_n)
+        penalty_tile_grouped([lora_b], [lora_a], [plane], 3, inv_n)
     with pytest.raises(ValueError, match="input_precision must be one of"):
         penalty_tile_grouped([lora_b], [lora_a], [plane], 4, inv_n, input_precision="fp8")
     with pytest.raises(ValueError, match="matrix 1"):
@@ -321,7 +323,7 @@ def reference_of(key_elements: KeyElements, lora_b, lora_a):
     )
 
 
-@pytest.mark.parametrize("bits", [1, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4])
 def test_plane_plus_extra_list_keeps_duplicates_exact(bits):
     # 1 bit: every position chosen twice is listed with count 1; 4 bits: 20 tasks' worth
     # of repeats push some counts above 15 into the list.
@@ -345,11 +347,11 @@ def test_reglora_penalty_gpu_backends_match_the_reference(backend):
 
 def test_forced_representations_are_the_requested_ones():
     ke = key_elements_with_duplicates(20, 30, tasks=2, density=0.1, seed=12)
-    assert build_device_mask(ke, kernel="tile").bits in (1, 4)
+    assert build_device_mask(ke, kernel="tile").bits in (1, 2, 4)
     assert build_device_mask(ke, kernel="gather").bits == 0
 
 
-@pytest.mark.parametrize("bits", [0, 1, 4])
+@pytest.mark.parametrize("bits", [0, 1, 2, 4])
 def test_mask_group_matches_the_reference_per_matrix(bits):
     # A (shape, bits) group with an empty matrix and lists on some matrices only.
     k, d, rank = 30, 50, 6
@@ -396,7 +398,7 @@ CUDA_CONTRACT = [
 @pytest.mark.skipif(not CUDA, reason="needs a GPU (the interpreter runs fp32 'ieee' only)")
 @pytest.mark.parametrize(("dtype", "precision", "value_tol", "grad_tol"), CUDA_CONTRACT)
 @pytest.mark.parametrize(("k", "d", "rank"), [(520, 770, 128), (300, 200, 7), (257, 129, 130)])
-@pytest.mark.parametrize("bits", [1, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4])
 def test_cuda_accuracy_contract(dtype, precision, value_tol, grad_tol, k, d, rank, bits):
     lora_b, lora_a = factors(k, d, rank, seed=rank, dtype=dtype)
     counts = random_counts(k, d, bits, 0.2, seed=bits)

@@ -13,6 +13,7 @@ from sefe_fast.bench.profile_memory import (
     ROW_KEYS,
     PenaltyMemory,
     aggregate_peak,
+    budget_resident,
     measure_penalty_memory,
     profile,
     vanilla_mask_bytes,
@@ -205,8 +206,9 @@ def test_cli_table_and_bad_layout(tmp_path, capsys):
 
 
 def test_gpu_resident_bytes_are_the_real_device_tensors(small_profile):
-    """gpu_resident_bytes: the triton backend's real DeviceMaskGroup tensors per shape, × count,
-    for each training dtype; never more than the official masks."""
+    """gpu_resident_bytes: exactly the device_nbytes of the whole model's RegLoRA (every
+    matrix of every shape, the planes chosen under the budget together) on the triton
+    backend; never more than the official masks."""
     from sefe_fast.reglora import RegLoRA
 
     spec, rows, details = small_profile
@@ -215,11 +217,28 @@ def test_gpu_resident_bytes_are_the_real_device_tensors(small_profile):
             (k, d): merge_key_elements([task_selection(k, d, RANK, RATIO, t) for t in range(p)])
             for k, d, _ in ((48, 40, 3), (40, 96, 2))
         }
-        expected = 0
-        for (k, d), count in spec.shape_counts().items():
-            reg = RegLoRA({"m": merged[(k, d)]}, backend="triton")
-            groups = reg.device_groups("cpu", RANK, torch.float32, "triton")
-            expected += count * sum(t.nbytes for _, g in groups for t in g.tensors())
-        assert rows[p]["gpu_resident_bytes"] == expected > 0
+        masks = {
+            f"{k}x{d}.{i}": merged[(k, d)]
+            for (k, d), count in spec.shape_counts().items()
+            for i in range(count)
+        }
+        reg = RegLoRA(masks, backend="triton")
+        reg.device_groups("cpu", RANK, torch.float32, "triton")
+        assert rows[p]["gpu_resident_bytes"] == reg.device_nbytes() > 0
         assert rows[p]["gpu_resident_bytes"] <= rows[p]["vanilla_mask_bytes"]
-    assert {m.gpu_representation for m in details} <= {"gather", "tile1", "tile4"}
+        assert rows[p]["gpu_budget_bytes"] == 1_500_000_000
+    kinds = {"gather", "tile1", "tile2", "tile4"}
+    assert all(set(m.gpu_representation.split("+")) <= kinds for m in details)
+
+
+def test_a_tight_budget_gives_the_smallest_planes_and_is_measured():
+    shapes = {(48, 40): 3, (40, 96): 2}
+    masks = {
+        (k, d): (merge_key_elements([task_selection(k, d, RANK, RATIO, t) for t in range(4)]), n)
+        for (k, d), n in shapes.items()
+    }
+    tight = budget_resident(masks, RANK, torch.float32, None, 1e-9)
+    loose = budget_resident(masks, RANK, torch.float32, None, 1.5)
+    assert sum(b for b, _ in tight.values()) <= sum(b for b, _ in loose.values())
+    for shape, (_, by_bits) in tight.items():
+        assert sum(by_bits.values()) == shapes[shape]

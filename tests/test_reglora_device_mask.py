@@ -34,7 +34,7 @@ def _contract_decode(plane: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     return (plane[:, j // per_word] >> (bits * (j % per_word))) & ((1 << bits) - 1)
 
 
-@pytest.mark.parametrize("bits", [1, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4])
 @pytest.mark.parametrize("d", [1, 7, 8, 31, 32, 33, 100])
 def test_pack_unpack_round_trip_any_width(bits, d):
     gen = torch.Generator().manual_seed(d)
@@ -55,7 +55,7 @@ def test_pack_rejects_bad_input():
     with pytest.raises(ValueError, match="uint8"):
         pack_counts(torch.zeros(2, 3, dtype=torch.int32), 4)
     with pytest.raises(ValueError, match="plane bits must be one of"):
-        pack_counts(torch.zeros(2, 3, dtype=torch.uint8), 2)
+        pack_counts(torch.zeros(2, 3, dtype=torch.uint8), 3)
     with pytest.raises(ValueError, match=r"int32 \[k, 1\]"):
         unpack_counts(torch.zeros(2, 2, dtype=torch.int32), 4, 5)
 
@@ -89,7 +89,7 @@ def _cases():
 
 
 @pytest.mark.parametrize("case", list(_cases()))
-@pytest.mark.parametrize("bits", [0, 1, 4])
+@pytest.mark.parametrize("bits", [0, 1, 2, 4])
 def test_device_mask_gives_the_official_penalty_and_the_plans_counts(case, bits):
     ke = _cases()[case]
     mask = build_device_mask(ke, bits=bits)
@@ -110,7 +110,7 @@ def test_device_mask_gives_the_official_penalty_and_the_plans_counts(case, bits)
         assert value.item() == 0.0
 
 
-@pytest.mark.parametrize("bits", [1, 4])
+@pytest.mark.parametrize("bits", [1, 2, 4])
 def test_streamed_plane_equals_the_dense_reference_encoder(bits, monkeypatch):
     monkeypatch.setattr(key_elements_module, "DECODE_CHUNK", 5)  # many decode chunks
     ke = _cases()["counts above 15"]
@@ -136,16 +136,16 @@ def test_streamed_plan_equals_the_plan_from_indices(monkeypatch):
         assert torch.equal(getattr(plan, field), getattr(expected, field)), field
 
 
-def _stats(shape, multi, above15=0):
+def _stats(shape, multi, above15=0, above3: int | None = None):
     """Synthetic statistics: `multi` positions chosen more than once."""
     d = shape[1]
     return MaskStats(
         shape=shape,
         n_total=10 * multi + 1,
         num_unique=5 * multi + 1,
-        max_count=16 if above15 else 2,
-        above={0: 5 * multi + 1, 1: multi, 15: above15},
-        col_counts={t: torch.zeros(d, dtype=torch.int64) for t in (0, 1, 15)},
+        max_count=16 if above15 else 4,
+        above={0: 5 * multi + 1, 1: multi, 3: above3 if above3 is not None else multi, 15: above15},
+        col_counts={t: torch.zeros(d, dtype=torch.int64) for t in (0, 1, 3, 15)},
     )
 
 
@@ -164,6 +164,9 @@ def test_representation_choice_at_the_threshold():
     assert representation_nbytes(stats, 1) > representation_nbytes(stats, 4)
     with pytest.raises(ValueError, match="kernel 'tile' or 'gather'"):
         choose_bits(stats, "auto")
+    # the same list made of positions chosen two or three times: the 2-bit plane holds them
+    # all (no list) and is the smallest of the three
+    assert choose_bits(_stats(shape, at + 1, above3=0), "tile") == 2
 
 
 def test_auto_follows_the_roofline_crossover():
@@ -181,7 +184,7 @@ def test_auto_follows_the_roofline_crossover():
 
     sparse, dense = mask(crossover / 2), mask(2 * crossover)
     assert build_device_mask(sparse, kernel="auto", gpu="A100-SXM4").bits == 0
-    assert build_device_mask(dense, kernel="auto", gpu="A100-SXM4").bits in (1, 4)
+    assert build_device_mask(dense, kernel="auto", gpu="A100-SXM4").bits in (1, 2, 4)
     assert build_device_mask(KeyElements.empty(shape), kernel="tile").nbytes == 0
     with pytest.raises(ValueError, match="unknown DeviceMask kernel"):
         build_device_mask(dense, kernel="dense")
@@ -191,7 +194,7 @@ def _held_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@pytest.mark.parametrize("bits", [0, 1, 4])
+@pytest.mark.parametrize("bits", [0, 1, 2, 4])
 def test_nbytes_is_the_sum_of_the_real_tensors(bits):
     ke = _cases()["counts above 15"]
     mask = build_device_mask(ke, bits=bits)

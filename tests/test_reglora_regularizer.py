@@ -156,11 +156,11 @@ def test_gpu_path_one_launch_per_group_and_one_copy_of_the_masks(backend, monkey
             assert torch.allclose(got.grad, want.grad, rtol=1e-4, atol=1e-6), name
     groups = reg.device_groups("cpu", 3, torch.float32, backend)
     launches = sum(bool(g.bits) + (g.extra is not None) for _, g in groups)
-    assert len(calls) == launches and len(groups) <= 2 * len(reg.groups())
+    assert len(calls) == launches and len(groups) <= 3 * len(reg.groups())
     if backend == "triton_gather":
         assert all(g.bits == 0 and g.planes == () for _, g in groups)
     if backend == "triton_tile":
-        assert all(g.bits in (1, 4) for _, g in groups)
+        assert all(g.bits in (1, 2, 4) for _, g in groups)
     # built once: a second call reuses the same groups; the empty mask is in none of them
     reg._grouped_triton(factors, backend)
     assert reg.device_groups("cpu", 3, torch.float32, backend) is groups

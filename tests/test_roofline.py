@@ -22,6 +22,9 @@ def test_mask_fractions_are_the_binomial_ones():
     assert f["unique"] == pytest.approx(1 - 0.98**7)
     assert f["multi"] == pytest.approx(1 - 0.98**7 - 7 * 0.02 * 0.98**6)
     assert f["above15"] == 0.0 and roofline.mask_fractions(0.02, 1)["multi"] == 0.0
+    at_most_3 = sum(math.comb(7, c) * 0.02**c * 0.98 ** (7 - c) for c in range(4))
+    assert f["above3"] == pytest.approx(1 - at_most_3)
+    assert roofline.mask_fractions(0.02, 3)["above3"] == 0.0
 
 
 def test_gather_official_and_tile_counts():
@@ -131,3 +134,31 @@ def test_summary_speedups_and_clis(capsys):
     assert kernel_report.main(["--roofline"]) == 0
     out = capsys.readouterr().out
     assert "MODELLED" in out and "bf16 factors" in out and "fp32 factors" in out
+
+
+def test_budget_policy_rows_respect_the_budget_and_are_monotone():
+    h100 = roofline.gpu_named("H100-SXM5")
+    previous = None
+    for budget_gb in (0.5, 1.0, 1.5, 2.0, 3.5):
+        chosen = roofline.budget_step(7, torch.float32, h100, budget_gb)
+        picks = chosen["picks"]
+        assert sum(n for by_bits in picks.values() for n in by_bits.values()) == 224
+        if budget_gb >= 1.5:  # the smallest forms (1-bit + list) take ≈ 1.28 GB
+            assert chosen["nbytes"] <= budget_gb * 1e9
+        if previous is not None:
+            assert chosen["seconds"] <= previous["seconds"]
+        previous = chosen
+    tight = roofline.budget_step(7, torch.float32, h100, 0.5)
+    assert all(set(by_bits) == {1} for by_bits in tight["picks"].values())
+    loose = roofline.budget_step(7, torch.float32, h100, 3.5)
+    # every matrix at its modelled-fastest plane: the time of the best single plane or less
+    best_single = min(
+        roofline.step_time(roofline.step_costs(7, "tile", torch.float32, bits=b), h100)
+        for b in (1, 2, 4)
+    )
+    assert loose["seconds"] <= best_single * (1 + 1e-9)
+    assert tight["seconds"] > loose["seconds"]
+    rows = roofline.summary(torch.float32, tasks=(7,))
+    for r in rows:
+        assert r["budget GB"] <= 1.5
+        assert r["speedup budget"] == pytest.approx(r["official fp32 ms"] / r["budget ms"])

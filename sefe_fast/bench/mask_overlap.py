@@ -51,7 +51,7 @@ def overlap_rows(directory: Path) -> list[dict]:
     rows = []
     for p in range(1, len(tasks) + 1):
         row = {"prior_tasks": p, "entries": 0, "positions": 0, "unique": 0, "multi": 0}
-        row.update({"bytes_gather": 0, "bytes_tile1": 0, "bytes_tile4": 0, "bytes_tile": 0})
+        row.update({f"bytes_{b}": 0 for b in ("gather", "tile1", "tile2", "tile4", "tile")})
         for name in names:
             merged = merge_key_elements([task[name] for task in tasks[:p]])
             stats = mask_statistics(merged)
@@ -60,9 +60,10 @@ def overlap_rows(directory: Path) -> list[dict]:
             row["positions"] += stats.n_total
             row["unique"] += stats.num_unique
             row["multi"] += stats.above[1]
-            sizes = {b: build_device_mask(merged, bits=b, stats=stats).nbytes for b in (0, 1, 4)}
+            sizes = {b: build_device_mask(merged, bits=b, stats=stats).nbytes for b in (0, 1, 2, 4)}
             row["bytes_gather"] += sizes[0]
             row["bytes_tile1"] += sizes[1]
+            row["bytes_tile2"] += sizes[2]
             row["bytes_tile4"] += sizes[4]
             row["bytes_tile"] += sizes[choose_bits(stats, "tile")]
         rho = row["positions"] / p / row["entries"]
@@ -92,18 +93,19 @@ def scenario_rows(tasks: int = 7, rank: int = 128, ratio: float = 0.02) -> list[
     rows = []
     for scenario, order in SCENARIOS.items():
         row = {"scenario": scenario, "prior_tasks": tasks, "positions": 0, "multi": 0}
-        row.update({"bytes_gather": 0, "bytes_tile1": 0, "bytes_tile4": 0, "bytes_tile": 0})
+        row.update({f"bytes_{b}": 0 for b in ("gather", "tile1", "tile2", "tile4", "tile")})
         for (k, d), count in spec.shape_counts().items():
             picks = [
                 task_selection(k, d, rank, ratio, t, default_cache_dir()) for t in order(tasks)
             ]
             merged = merge_key_elements(picks)
             stats = mask_statistics(merged)
-            sizes = {b: build_device_mask(merged, bits=b, stats=stats).nbytes for b in (0, 1, 4)}
+            sizes = {b: build_device_mask(merged, bits=b, stats=stats).nbytes for b in (0, 1, 2, 4)}
             row["positions"] += count * stats.n_total
             row["multi"] += count * stats.above[1]
             row["bytes_gather"] += count * sizes[0]
             row["bytes_tile1"] += count * sizes[1]
+            row["bytes_tile2"] += count * sizes[2]
             row["bytes_tile4"] += count * sizes[4]
             row["bytes_tile"] += count * sizes[choose_bits(stats, "tile")]
         row["vanilla_bytes"] = 16 * row["positions"]

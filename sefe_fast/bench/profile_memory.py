@@ -17,13 +17,18 @@ The measurements; the command line, tables and plot are in `sefe_fast.bench.prof
   position (rows and multiplicities in column order) for its column-order pass.
 - gpu_resident_bytes: everything the GPU ("triton") backend keeps between steps for
   RegLoRA — the `DeviceMaskGroup`s `RegLoRA.device_groups` builds (packed planes, extra
-  lists, offsets, 1/n) with the representation the roofline model picks for the factors'
-  dtype on `--gpu` — *measured* as the sum of .nbytes of the real tensors it builds for one
-  matrix per shape (built here on the CPU; the same tensors go to the GPU), times the
-  number of matrices of that shape (every group tensor is per matrix). `gpu_representation`
-  names the choice per shape: "gather", "tile1" (union bit plane + list) or "tile4".
-  gpu_resident_gather_bytes / gpu_resident_tile_bytes: the same with the representation
-  forced ("triton_gather": the whole plan; "triton_tile": a plane, 1 or 4 bits by size).
+  lists, offsets, 1/n) with the tile-or-gather choice the roofline model makes for the
+  factors' dtype on `--gpu` and, per matrix, the plane the resident budget
+  (`--gpu-budget-gb`, `RegLoRA(gpu_budget_gb=...)`, default 1.5 GB) picks for the whole
+  model — *measured* as the sum of .nbytes of the real tensors built (here on the CPU; the
+  same tensors go to the GPU) for one matrix per (shape, chosen plane), times the number of
+  matrices of that shape given that plane (every group tensor is per matrix).
+  `gpu_representation` names the choice per shape: "gather", "tile1" (union bit plane +
+  list), "tile2" or "tile4" (count planes + list), with the number of matrices when they
+  differ ("54×tile1+74×tile2"); per shape, gpu_resident_bytes is then the mean per matrix.
+  gpu_budget_bytes: the budget. gpu_resident_gather_bytes / gpu_resident_tile_bytes: one
+  matrix per shape with the representation forced ("triton_gather": the whole plan;
+  "triton_tile": the modelled-fastest plane, the one matrix alone within the budget).
 - peak and saved-for-backward bytes of the regularizer's forward+backward, *measured* on
   this machine once per distinct shape and p: the peak from the profiler's memory events
   (tensor bytes allocated net of frees; the persistent gradient buffers, which training
@@ -47,7 +52,7 @@ p = 0 (the first task) has no regularizer: everything is 0.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -60,6 +65,7 @@ from sefe_fast.bench.workloads import (
     random_lora,
     task_selection,
 )
+from sefe_fast.memory_budget import budget_bytes
 from sefe_fast.paper_defaults import MASK_RATIO
 from sefe_fast.position_plan import plan_tensors
 from sefe_fast.reglora import (
@@ -69,6 +75,8 @@ from sefe_fast.reglora import (
     reference_penalty_from_indices,
     reglora_penalty,
 )
+from sefe_fast.reglora.device_mask import build_device_mask_group, mask_statistics
+from sefe_fast.reglora.regularizer import DEFAULT_GPU_BUDGET_GB
 from sefe_fast.reglora.selection import num_selected
 
 VANILLA_BYTES_PER_ENTRY = 16  # int64 (row, col)
@@ -82,6 +90,7 @@ ROW_KEYS = (
     "sefe_fast_mask_bytes",
     "sefe_fast_plan_bytes",
     "gpu_resident_bytes",
+    "gpu_budget_bytes",
     "gpu_resident_gather_bytes",
     "gpu_resident_tile_bytes",
     "vanilla_peak_bytes",
@@ -194,6 +203,57 @@ def gpu_resident(
     return nbytes, "+".join(kinds) or "empty"
 
 
+def budget_resident(
+    masks: dict[tuple[int, int], tuple[KeyElements, int]],
+    rank: int,
+    dtype: torch.dtype,
+    gpu: str | None = None,
+    gpu_budget_gb: float = DEFAULT_GPU_BUDGET_GB,
+) -> dict[tuple[int, int], tuple[int, dict[int, int]]]:
+    """Per shape (k, d) -> (bytes, {bits: matrices}): what backend="triton" keeps for a model
+    whose `count` matrices of each shape share one merged mask (`masks`: shape -> (mask,
+    count)), with the planes chosen for all of them together under the budget
+    (`RegLoRA.choose_planes`, exactly as `device_groups` chooses), each (shape, bits) form
+    measured on the real DeviceMaskGroup tensors of one matrix, times its matrices."""
+    stats = {shape: mask_statistics(ke) for shape, (ke, _) in masks.items()}
+    named, kernels = {}, {}
+    for shape, (_, count) in masks.items():
+        if stats[shape].n_total == 0:
+            continue
+        kernels[shape] = RegLoRA._group_kernel(
+            shape, [stats[shape]] * count, "triton", rank, dtype, gpu
+        )
+        named.update({(shape, i): stats[shape] for i in range(count)})
+    chosen = RegLoRA.choose_planes(
+        {f"{k}x{d}#{i}": s for ((k, d), i), s in named.items()},
+        kernels,
+        rank,
+        dtype,
+        gpu,
+        budget_bytes(gpu_budget_gb),
+    )
+    picks: dict[tuple[int, int], dict[int, int]] = {shape: {} for shape in masks}
+    for ((k, d), i), _ in named.items():
+        bits = chosen[f"{k}x{d}#{i}"]
+        picks[(k, d)][bits] = picks[(k, d)].get(bits, 0) + 1
+    out = {}
+    for shape, by_bits in picks.items():
+        ke = masks[shape][0]
+        total = sum(
+            n * build_device_mask_group([ke], bits, "cpu", [stats[shape]]).nbytes
+            for bits, n in by_bits.items()
+        )
+        out[shape] = (total, by_bits)
+    return out
+
+
+def _representation(by_bits: dict[int, int]) -> str:
+    names = {b: ("gather" if b == 0 else f"tile{b}") for b in by_bits}
+    if len(by_bits) == 1:
+        return next(iter(names.values()))
+    return "+".join(f"{n}×{names[b]}" for b, n in sorted(by_bits.items())) or "empty"
+
+
 def vanilla_mask_bytes(spec: ModelSpec, ratio: float, prior_tasks: int) -> int:
     """16 B · p · Σ_matrices int(ratio·k·d): the official masks after p tasks."""
     per_task = sum(g.count * num_selected((g.k, g.d), ratio) for g in spec.groups)
@@ -209,12 +269,16 @@ def profile(
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
     gpu: str | None = None,
+    gpu_budget_gb: float = DEFAULT_GPU_BUDGET_GB,
 ) -> tuple[list[dict], list[ShapeMeasurement]]:
     """Rows (keys ROW_KEYS, model totals, one per p = 0 … tasks-1) and per-shape details.
 
     `dtype`: the LoRA factors' dtype during training (the selections are made in fp32).
-    `gpu`: the roofline model's GPU whose tile/gather choice gpu_resident_bytes follows.
+    `gpu`: the roofline model's GPU whose tile/gather choice gpu_resident_bytes follows;
+    `gpu_budget_gb`: the regularizer's resident budget its plane choice follows.
     """
+    if not gpu_budget_gb > 0:
+        raise ValueError(f"gpu_budget_gb must be > 0, got {gpu_budget_gb}")
     if tasks < 1:
         raise ValueError(f"tasks must be ≥ 1, got {tasks}")
     if rank < 1:
@@ -229,6 +293,7 @@ def profile(
         disable=not progress,
     )
     details: list[ShapeMeasurement] = []
+    merged_at: dict[int, dict[tuple[int, int], tuple[KeyElements, int]]] = {p: {} for p in prior}
     for (k, d), count in shapes.items():
         selections: list[KeyElements] = []
         lora_B, lora_A = random_lora(k, d, rank, seed=CURRENT_SEED)
@@ -243,8 +308,8 @@ def profile(
                     f"{p} × {num_selected((k, d), ratio)}"
                 )
             bar.set_postfix_str(f"{k}x{d} measure {p} prior")
+            merged_at[p][(k, d)] = (merged, count)
             plan = merged.plan()
-            resident, representation = gpu_resident(merged, rank, dtype, gpu)
             forced = {
                 b: gpu_resident(merged, rank, dtype, gpu, b)[0]
                 for b in ("triton_gather", "triton_tile")
@@ -259,8 +324,8 @@ def profile(
                     unique_positions=plan.num_unique,
                     sefe_fast_mask_bytes=merged.nbytes,
                     sefe_fast_plan_bytes=plan.nbytes,
-                    gpu_resident_bytes=resident,
-                    gpu_representation=representation,
+                    gpu_resident_bytes=0,  # below: the whole model's choice under the budget
+                    gpu_representation="",
                     gpu_resident_gather_bytes=forced["triton_gather"],
                     gpu_resident_tile_bytes=forced["triton_tile"],
                     vanilla=measure_penalty_memory(lora_B, lora_A, merged, "vanilla", dtype),
@@ -269,7 +334,24 @@ def profile(
             )
             bar.update(1)
     bar.close()
-    rows = [_row(spec, ratio, p, [m for m in details if m.prior_tasks == p]) for p in range(tasks)]
+    budget = budget_bytes(gpu_budget_gb)
+    chosen_at = {p: budget_resident(merged_at[p], rank, dtype, gpu, gpu_budget_gb) for p in prior}
+    for p, chosen in chosen_at.items():
+        for index, m in enumerate(details):
+            if m.prior_tasks == p:
+                total, by_bits = chosen[(m.k, m.d)]
+                details[index] = replace(
+                    m,
+                    gpu_resident_bytes=round(total / m.count),
+                    gpu_representation=_representation(by_bits),
+                )
+    rows = []
+    for p in range(tasks):
+        row = _row(spec, ratio, p, [m for m in details if m.prior_tasks == p])
+        if p:
+            row["gpu_resident_bytes"] = sum(total for total, _ in chosen_at[p].values())
+        row["gpu_budget_bytes"] = budget if p else 0
+        rows.append(row)
     return rows, details
 
 
@@ -300,6 +382,7 @@ __all__ = [
     "PenaltyMemory",
     "ShapeMeasurement",
     "aggregate_peak",
+    "budget_resident",
     "measure_penalty_memory",
     "profile",
     "vanilla_mask_bytes",

@@ -21,6 +21,7 @@ from sefe_fast.bench.lora_shapes import SPECS, ModelSpec, parse_layout
 from sefe_fast.bench.profile_memory import DTYPES, ShapeMeasurement, profile
 from sefe_fast.bench.workloads import default_cache_dir
 from sefe_fast.io_utils import atomic_path
+from sefe_fast.reglora.regularizer import DEFAULT_GPU_BUDGET_GB
 from sefe_fast.roofline import DEFAULT_GPU, GPUS
 
 
@@ -173,6 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_GPU,
         help="the roofline model's GPU whose tile/gather choice gpu_resident_bytes follows",
     )
+    parser.add_argument(
+        "--gpu-budget-gb",
+        type=float,
+        default=DEFAULT_GPU_BUDGET_GB,
+        help="RegLoRA's resident budget for the device masks (GB, 10⁹ B; RunConfig "
+        "reg_gpu_budget_gb) whose per-matrix plane choice gpu_resident_bytes follows",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as JSON only")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     parser.add_argument("--cache-dir", type=Path, default=None, help="selection cache folder")
@@ -194,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             cache_dir,
             dtype=DTYPES[args.dtype],
             gpu=args.gpu,
+            gpu_budget_gb=args.gpu_budget_gb,
         )
     except ValueError as exc:
         parser.error(str(exc))

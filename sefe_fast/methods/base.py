@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from sefe_fast import paper_defaults as paper
+from sefe_fast.memory_budget import DEFAULT_BUDGET_GB
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class MethodConfig:
     reg_lambda: λ of the RegLoRA penalty; mask_ratio: fraction M of ΔW entries kept as key
     elements per matrix (0.02 = 2 %); asd_ratio: fraction X of training samples rewritten
     into the other answer styles (0.2 = 20 %); reg_backend: the penalty implementation;
+    reg_gpu_budget_gb: GB the GPU backends' device masks may keep (RegLoRA gpu_budget_gb);
     seed: seeds the ASD conversion.
     """
 
@@ -37,6 +39,7 @@ class MethodConfig:
     mask_ratio: float = paper.MASK_RATIO
     asd_ratio: float = paper.ASD_RATIO
     reg_backend: str = "auto"
+    reg_gpu_budget_gb: float = DEFAULT_BUDGET_GB
     seed: int = 0
     olora_lambda1: float = paper.OLORA_LAMBDA1
     olora_lambda2: float = paper.OLORA_LAMBDA2

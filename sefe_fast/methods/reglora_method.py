@@ -41,7 +41,10 @@ class RegLoRAMixin(ContinualMethod):
         self.penalty = None
         if self.merged:
             self.penalty = RegLoRA(
-                self.merged, lam=self.config.reg_lambda, backend=self.config.reg_backend
+                self.merged,
+                lam=self.config.reg_lambda,
+                backend=self.config.reg_backend,
+                gpu_budget_gb=self.config.reg_gpu_budget_gb,
             )
 
     def extra_loss(self, model: torch.nn.Module, step: int) -> torch.Tensor | None:

@@ -19,6 +19,9 @@ Three representations (bits):
   position), cheapest at low density;
 - 1: a union bit plane (k·d/8 bytes) plus, in `extra`, the positions chosen by more than one
   task with count − 1;
+- 2: a count plane (k·d/4 bytes, counts up to 3) plus, in `extra`, anything above 3 —
+  between the two in memory, and its list stays short while few positions were chosen by
+  more than three tasks;
 - 4: a count plane (k·d/2 bytes, counts up to 15) plus, in `extra`, anything above 15.
 
 Why (LLaVA-7B, 224 matrices, 6.48·10⁹ entries, while training task 8 = 7 earlier masks of
@@ -61,9 +64,9 @@ from sefe_fast.position_plan import (
 from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.roofline import preferred_kernel
 
-PLANE_BITS = (1, 4)
+PLANE_BITS = (1, 2, 4)
 KERNELS = ("auto", "tile", "gather")
-# Multiplicities above which a plane of `bits` needs the list: 1 for the bit plane, 15 for 4.
+# Multiplicities above which a plane of `bits` needs the list: 1, 3 or 15.
 PLANE_CAPS = {bits: (1 << bits) - 1 for bits in PLANE_BITS}
 STAT_THRESHOLDS = (0, *PLANE_CAPS.values())
 _PACK_ROWS = 256  # rows packed / unpacked at once by the dense reference helpers
@@ -158,7 +161,7 @@ class DeviceMask:
     """One matrix's merged key positions as a packed plane plus a PositionPlan list.
 
     shape: (k, d) of ΔW = B·A; n_total: all merged positions, duplicates counted (the
-    mean's denominator); bits: 0 (no plane, gather only), 1 or 4; plane: int32
+    mean's denominator); bits: 0 (no plane, gather only), 1, 2 or 4; plane: int32
     [k, ceil(d / E)] or None; extra: the positions whose count exceeds the plane's value,
     with the excess as count, or None when there are none. See the module docstring.
     """
@@ -256,7 +259,7 @@ def reference_mask_penalty(
 
 
 def mask_statistics(key_elements: KeyElements) -> MaskStats:
-    """One streamed pass: totals and per-threshold counts (0, 1, 15) that every
+    """One streamed pass: totals and per-threshold counts (0, 1, 3, 15) that every
     representation's size follows from."""
     return mask_stats(key_elements.shape, key_elements.unique_row_blocks, STAT_THRESHOLDS)
 
@@ -317,7 +320,7 @@ def build_device_mask(
     "auto" (the roofline model's choice for `rank`, `factor_dtype` and `gpu`, a name from
     `sefe_fast.roofline.GPUS`; None: the model's default GPU). `stats`: a previous
     `mask_statistics(key_elements)`, to skip that pass. `bits`: force a representation
-    (0, 1 or 4) instead of choosing one. Each part goes to `device` as soon as it is built,
+    (0, 1, 2 or 4) instead of choosing one. Each part goes to `device` as soon as it is built,
     so the host holds at most one part at a time. The extra plan's own n_total is set to
     the mask's n_total, so the gather kernels' 1/n on it alone is already the mask's.
     """

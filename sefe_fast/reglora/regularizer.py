@@ -16,12 +16,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sefe_fast import paper_defaults
-from sefe_fast.position_plan import PositionPlan
+from sefe_fast.memory_budget import (
+    DEFAULT_BUDGET_GB,
+    Option,
+    budget_bytes,
+    choose_under_budget,
+    guarded_options,
+)
+from sefe_fast.position_plan import MaskStats, PositionPlan
 from sefe_fast.reglora.device_mask import (
+    PLANE_BITS,
+    PLANE_CAPS,
     DeviceMaskGroup,
     build_device_mask_group,
-    choose_bits,
     mask_statistics,
+    representation_nbytes,
 )
 from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.reglora.penalty import (
@@ -34,10 +43,11 @@ from sefe_fast.reglora.penalty import (
 )
 from sefe_fast.reglora.selection import select_key_elements
 from sefe_fast.reglora.validation import check_factors
-from sefe_fast.roofline import preferred_kernel
+from sefe_fast.roofline import gpu_named, matrix_step_time, preferred_kernel
 
 # GPU backends -> the DeviceMask kernel they ask for ("auto": the roofline model decides)
 GPU_KERNELS = MASK_KERNELS
+DEFAULT_GPU_BUDGET_GB = DEFAULT_BUDGET_GB  # RunConfig.reg_gpu_budget_gb's default
 Factors = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -56,6 +66,14 @@ class RegLoRA:
     ("triton") or forced — and each group is one launch of the tile kernels on its planes
     plus one of the gather kernels on its extra lists. Those groups are the only copy of
     the masks kept besides the gap-coded KeyElements (`device_nbytes()` counts them).
+
+    `gpu_budget_gb`: the resident bytes (GB, 10⁹) all device masks together may take. Each
+    tile-kernel matrix gets the plane (1-bit + list, 2-bit + list, 4-bit + list) that
+    `sefe_fast.memory_budget.choose_under_budget` picks: the smallest first, then upgrades
+    in order of modelled ms saved per byte added while the total fits. A matrix whose
+    smallest form alone exceeds the budget still gets that form. Whatever the budget, no
+    matrix gets a form larger than its 4-bit form or than its official int64 pairs
+    (unless that is its smallest), so the totals stay ≤ the 4-bit plane's and ≤ vanilla's.
     """
 
     def __init__(
@@ -63,6 +81,7 @@ class RegLoRA:
         key_elements: Mapping[str, KeyElements],
         lam: float = paper_defaults.REG_LAMBDA,
         backend: str = "auto",
+        gpu_budget_gb: float = DEFAULT_GPU_BUDGET_GB,
     ) -> None:
         for name, ke in key_elements.items():
             if not isinstance(ke, KeyElements):
@@ -71,6 +90,7 @@ class RegLoRA:
         self.key_elements: dict[str, KeyElements] = dict(key_elements)
         self.lam = float(lam)
         self.backend = backend
+        self.gpu_budget_bytes = budget_bytes(gpu_budget_gb)
         self._device_key: tuple | None = None
         self._device_groups: list[tuple[list[str], DeviceMaskGroup]] = []
         self._empty_names: list[str] = []  # matrices whose merged mask holds no position
@@ -134,30 +154,38 @@ class RegLoRA:
         factor_dtype: torch.dtype,
         backend: str = "triton",
         gpu: str | None = None,
+        gpu_budget_gb: float | None = None,
     ) -> list[tuple[list[str], DeviceMaskGroup]]:
         """(names, DeviceMaskGroup) per (shape, bits) on `device`: built on first use, then
-        reused; a request for another device/rank/dtype/backend replaces them (one copy)."""
+        reused; a request for another device/rank/dtype/backend/budget replaces them (one
+        copy). `gpu_budget_gb`: None for the regularizer's own budget."""
         if backend not in GPU_KERNELS:
             raise ValueError(f"device groups need one of {tuple(GPU_KERNELS)}, got {backend!r}")
-        key = (str(torch.device(device)), int(rank), factor_dtype, backend, gpu)
+        budget = self.gpu_budget_bytes if gpu_budget_gb is None else budget_bytes(gpu_budget_gb)
+        key = (str(torch.device(device)), int(rank), factor_dtype, backend, gpu, budget)
         if self._device_key == key:
             return self._device_groups
         self._device_groups = []  # drop the old copy before building the new one
         self._device_key = None
-        built: list[tuple[list[str], DeviceMaskGroup]] = []
         self._empty_names = []
+        stats: dict[str, MaskStats] = {}
+        kernels: dict[tuple[int, int], str] = {}
         for shape, names in self.groups():
-            stats = {name: mask_statistics(self.key_elements[name]) for name in names}
-            self._empty_names += [name for name, s in stats.items() if not s.n_total]
-            stats = {name: s for name, s in stats.items() if s.n_total}  # empty: exactly 0
-            if not stats:
-                continue
-            kernel = self._group_kernel(
-                shape, list(stats.values()), backend, rank, factor_dtype, gpu
-            )
+            group_stats = {name: mask_statistics(self.key_elements[name]) for name in names}
+            self._empty_names += [n for n, s in group_stats.items() if not s.n_total]
+            group_stats = {n: s for n, s in group_stats.items() if s.n_total}  # empty: 0
+            if group_stats:
+                kernels[shape] = self._group_kernel(
+                    shape, list(group_stats.values()), backend, rank, factor_dtype, gpu
+                )
+                stats.update(group_stats)
+        bits_of = self.choose_planes(stats, kernels, rank, factor_dtype, gpu, budget)
+        built: list[tuple[list[str], DeviceMaskGroup]] = []
+        for _shape, names in self.groups():
             by_bits: OrderedDict[int, list[str]] = OrderedDict()
-            for name, s in stats.items():
-                by_bits.setdefault(choose_bits(s, kernel), []).append(name)
+            for name in names:
+                if name in bits_of:
+                    by_bits.setdefault(bits_of[name], []).append(name)
             for bits, members in by_bits.items():
                 group = build_device_mask_group(
                     [self.key_elements[n] for n in members],
@@ -168,6 +196,41 @@ class RegLoRA:
                 built.append((members, group))
         self._device_groups, self._device_key = built, key
         return built
+
+    @staticmethod
+    def choose_planes(
+        stats: Mapping[str, MaskStats],
+        kernels: Mapping[tuple[int, int], str],
+        rank: int,
+        factor_dtype: torch.dtype,
+        gpu: str | None,
+        budget: int,
+    ) -> dict[str, int]:
+        """name -> plane bits (0: gather kernels only) for every non-empty mask: gather-kernel
+        shapes get 0; tile-kernel matrices the budget policy's choice among the planes, each
+        form modelled (`sefe_fast.roofline.matrix_step_time`) at the mask's own densities
+        and sized exactly as it will be built (`representation_nbytes`)."""
+        model_gpu = gpu_named(gpu)
+        names = list(stats)
+        items = []
+        for name in names:
+            s = stats[name]
+            k, d = s.shape
+            if kernels[s.shape] == "gather":
+                items.append([Option(0, representation_nbytes(s, 0), 0.0)])
+                continue
+            options = []
+            for bits in PLANE_BITS:
+                listed = s.above[PLANE_CAPS[bits]] / (k * d)
+                seconds = matrix_step_time(
+                    "tile", k, d, rank, 0.0, listed, factor_dtype, model_gpu, bits
+                )
+                options.append(Option(bits, representation_nbytes(s, bits), seconds))
+            # the guarantees: never above the 4-bit form nor the official int64 pairs
+            # (16 B per position), unless nothing else is left
+            items.append(guarded_options(options, min(options[-1].nbytes, 16 * s.n_total)))
+        choice = choose_under_budget(items, budget)
+        return {n: items[i][c].label for i, (n, c) in enumerate(zip(names, choice.chosen))}
 
     @staticmethod
     def _group_kernel(shape, stats, backend, rank, factor_dtype, gpu) -> str:

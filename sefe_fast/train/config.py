@@ -21,6 +21,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
 from sefe_fast import paper_defaults as paper
+from sefe_fast.memory_budget import DEFAULT_BUDGET_GB
 from sefe_fast.methods import METHODS
 from sefe_fast.reglora.penalty import BACKENDS
 from sefe_fast.tasks import COIN_TASKS
@@ -225,6 +226,14 @@ class RunConfig:
         "RegLoRA penalty implementation (auto: triton on CUDA, torch elsewhere)",
         "method",
         choices=BACKENDS,
+    )
+    reg_gpu_budget_gb: float = setting(
+        DEFAULT_BUDGET_GB,
+        "GPU memory (GB, 10^9 B) RegLoRA's device masks may keep; each matrix gets the "
+        "modelled-fastest plane that fits (1-bit+list, 2-bit, 4-bit); a matrix whose "
+        "smallest form exceeds it keeps that form (docs/kernels.md)",
+        "method",
+        **POSITIVE,
     )
     olora_lambda1: float = setting(
         paper.OLORA_LAMBDA1,
