@@ -69,6 +69,11 @@ exact in fp32, gradients rounded to bf16) ≤ 1e-3 / 1e-2. Under TRITON_INTERPRE
 a float32 numpy matmul whatever the precision ("ieee"): ≤ 1e-5 / 1e-4 (max-error relative
 to the largest entry), tested on the CPU. S is exact in every input dtype (integer
 counts ≤ 15 times ±1), so the backward's GEMMs only round the factor operand.
+
+(Past 450 lines because this is one fused op family, kept in one file by the project's rule:
+the value-only, row-owner and column-owner kernels with their shared @triton.jit helpers,
+their launchers, the autograd.Function and the ahead-of-time launch list of the compile
+report.)
 """
 
 from __future__ import annotations
