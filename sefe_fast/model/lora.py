@@ -7,6 +7,9 @@ trained fully, outside LoRA, and saved separately.
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +43,18 @@ def projector_module(model: torch.nn.Module) -> torch.nn.Module:
     raise ValueError("model has no multi_modal_projector (is it a LLaVA model?)")
 
 
+@contextlib.contextmanager
+def _quiet_peft() -> Iterator[None]:
+    """peft reads `model.is_gradient_checkpointing`, which transformers 5 deprecates with a
+    FutureWarning on every call: once per attach and per load, i.e. per stage of a run.
+    Nothing in sefe_fast can act on it, so that one warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
+        yield
+
+
 def attach_lora(
     model: torch.nn.Module,
     *,
@@ -59,7 +74,8 @@ def attach_lora(
         target_modules=LANGUAGE_MODEL_TARGET_REGEX,
         bias="none",
     )
-    peft_model = get_peft_model(model, config)
+    with _quiet_peft():
+        peft_model = get_peft_model(model, config)
     for param in projector_module(peft_model).parameters():
         param.requires_grad_(train_projector)
     return peft_model
@@ -119,7 +135,8 @@ def load_adapter(model: torch.nn.Module, adapter_dir: str | Path) -> PeftModel:
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json (not a PEFT adapter)")
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+    with _quiet_peft():
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
 
 
 def save_projector(model: torch.nn.Module, path: str | Path) -> None:
