@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sefe_fast.data.coin import collate_train, load_train_dataset
+from sefe_fast.data.coin import collate_train
 from sefe_fast.data.minicoin import generate_minicoin
 from sefe_fast.io_utils import atomic_directory, atomic_write_json
 from sefe_fast.model.accel import AccelConfig
@@ -41,6 +41,7 @@ from sefe_fast.model.smol import (
 from sefe_fast.model.tiny import default_cache_root
 from sefe_fast.train.distributed import init_distributed, shutdown_distributed
 from sefe_fast.train.loop import LoopConfig, train_task
+from sefe_fast.train.stage0 import load_stage0_captions
 from sefe_fast.train.train_log import TrainLog
 
 
@@ -68,15 +69,7 @@ def pretrain_smol_projector(out_dir: Path, s0: SmolStage0Config) -> Path:
     model.requires_grad_(False)
     projector = projector_module(model)
     projector.requires_grad_(True)
-    dataset, stats = load_train_dataset(
-        Path(data_dir) / "Stage0" / "train.json",
-        data_dir,
-        bundle.tokenizer,
-        bundle.image_processor,
-        image_token_id=bundle.image_token_id,
-        num_image_tokens=bundle.num_image_tokens,
-        max_length=s0.max_length,
-    )
+    dataset, stats = load_stage0_captions(data_dir, bundle, s0.max_length)
     loop = LoopConfig(
         per_device_batch_size=s0.batch_size,
         max_steps=s0.steps,

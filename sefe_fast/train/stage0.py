@@ -49,6 +49,20 @@ from sefe_fast.train.loop import LoopConfig, train_task
 from sefe_fast.train.train_log import TrainLog
 
 
+def load_stage0_captions(data_dir: str | Path, bundle: ModelBundle, max_length: int):
+    """(dataset, stats) of mini-CoIN's stage-0 caption file under `data_dir`, tokenised for
+    `bundle`'s model (`max_length` tokens per sample, image tokens included)."""
+    return load_train_dataset(
+        Path(data_dir) / "Stage0" / "train.json",
+        data_dir,
+        bundle.tokenizer,
+        bundle.image_processor,
+        image_token_id=bundle.image_token_id,
+        num_image_tokens=bundle.num_image_tokens,
+        max_length=max_length,
+    )
+
+
 def pretrain_stage0(
     out_dir: Path,
     cfg: TinyConfig,
@@ -108,15 +122,7 @@ def pretrain_stage0(
         print(f"[sefe_fast] stage 0a (vision tower): {vision_report}")
     tower.requires_grad_(False)
     model = model.to(dist.device)
-    dataset, stats = load_train_dataset(
-        Path(data_dir) / "Stage0" / "train.json",
-        data_dir,
-        bundle.tokenizer,
-        bundle.image_processor,
-        image_token_id=bundle.image_token_id,
-        num_image_tokens=bundle.num_image_tokens,
-        max_length=s0.max_length,
-    )
+    dataset, stats = load_stage0_captions(data_dir, bundle, s0.max_length)
     per_device = s0.batch_size // dist.world_size
     if per_device * dist.world_size != s0.batch_size:
         raise ValueError(
