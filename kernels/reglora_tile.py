@@ -5,6 +5,10 @@ For one LoRA pair (B: k×r, A: r×d), ΔW = B·A, and a count plane packed into 
 
     c(i, j) = (plane[i, j // E] >> (bits · (j mod E))) & (2^bits − 1),   E = 32 / bits,
 
+(bits 1, 2 or 4), or for the trit plane (code 3: counts 0–2, five base-3 digits per byte,
+E = 20; 1.6 bits per entry) c(i, j) = ⌊byte / 3^(s mod 5)⌋ mod 3 with s = j mod E and
+byte = (plane[i, j // E] >> 8·⌊s / 5⌋) & 255,
+
 the kernels compute, with inv_n = 1/n_total of the matrix's whole mask (the plane is one
 part of it; the positions of `DeviceMask.extra` go through the gather kernels with the
 same inv_n) and g the upstream gradient:
@@ -15,7 +19,8 @@ same inv_n) and g the upstream gradient:
 
 ΔW is never stored. Every kernel forms its BLOCK_M × BLOCK_N tile of ΔW on tensor cores with
 `tl.dot` in fp32 accumulation, decodes the tile's counts from one contiguous load of the
-plane words it covers by shifts, uses the tile and drops it. Three kernels:
+plane words it covers by shifts (the trit plane: a word per count, a shift and two integer
+multiplies), uses the tile and drops it. Three kernels:
 
 - `_tile_fwd_kernel` (value only: no gradient will be needed), grid (row blocks, column
   blocks, matrices): one fp32 partial Σ c·|ΔW| per program, ΔW in rank steps of BLOCK_K
@@ -90,7 +95,11 @@ from sefe_fast_kernels.reglora_penalty import AotLaunch, block_r_for
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
-PLANE_BITS = (1, 2, 4)
+# Plane codes, as sefe_fast/reglora/device_mask.py defines them: binary planes of 1, 2 or 4
+# bits per count, and TRIT_PLANE = 3, counts 0–2 in base 3, five per byte, 20 per word.
+TRIT_PLANE = 3
+PLANE_BITS = (1, 2, TRIT_PLANE, 4)
+TRIT_MAGIC = (65536, 21846, 7282, 2428, 810)  # ⌈2¹⁶ / 3^s⌉, s = 0…4 (the kernel's constants)
 INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
 DEFAULT_INPUT_PRECISION = "tf32"
 
@@ -112,6 +121,10 @@ ROW_OWNER_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
     ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 1),
     ({"BLOCK_M": 64, "BLOCK_N": 32}, 8, 2),
 ]
+# The trit plane's per-count word loads add registers: with fp32 factors on sm_90 the
+# 64×64 row owner (255 registers with the binary decodes) spills 152 bytes, so the trit
+# plane with fp32 factors runs the row owner without it (`row_owner_configs`).
+ROW_OWNER_TRIT_FP32_EXCLUDED = (({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 1),)
 COL_OWNER_CONFIGS_CUDA: list[tuple[dict[str, int], int, int]] = [
     # BLOCK_N = 128 (BLOCK_M 32, 8 warps, 2 stages) was dropped: with bf16 factors on sm_80
     # it sits at 255 registers and spills 12 bytes with the 1- and 2-bit decodes (the
@@ -135,6 +148,30 @@ def _configs(
         triton.Config(dict(kwargs), num_warps=warps, num_stages=stages)
         for kwargs, warps, stages in chosen
     ]
+
+
+def row_owner_configs(
+    bits: int, factor_dtype: torch.dtype
+) -> list[tuple[dict[str, int], int, int]]:
+    """The row owner's CUDA configs for a plane code and factor dtype: all of
+    ROW_OWNER_CONFIGS_CUDA but those that spill with the trit decode and fp32 factors."""
+    if bits == TRIT_PLANE and factor_dtype == torch.float32:
+        return [c for c in ROW_OWNER_CONFIGS_CUDA if c not in ROW_OWNER_TRIT_FP32_EXCLUDED]
+    return list(ROW_OWNER_CONFIGS_CUDA)
+
+
+def _config_key(kwargs: dict[str, int], warps: int, stages: int) -> tuple:
+    return tuple(sorted(kwargs.items())), warps, stages
+
+
+def _prune_row_owner_configs(configs, named_args, **kwargs):
+    """Autotune pruning: keep the configs `row_owner_configs` allows for this launch's plane
+    code (BITS) and factor dtype (B's)."""
+    if INTERPRET:  # one config, no spills to avoid
+        return configs
+    bits = kwargs.get("BITS", named_args.get("BITS"))
+    allowed = {_config_key(*c) for c in row_owner_configs(bits, named_args["b_ptr"].dtype)}
+    return [c for c in configs if _config_key(c.kwargs, c.num_warps, c.num_stages) in allowed]
 
 
 _FWD_ACTIVE = [FWD_CONFIG_INTERPRET] if INTERPRET else FWD_CONFIGS_CUDA
@@ -184,26 +221,53 @@ def _decode_counts(
 ):
     """fp32 [BLOCK_M, BLOCK_N] counts of the packed plane at (rows, col0 + 0..BLOCK_N).
 
-    Loads the tile's BLOCK_N / E words per row once (contiguous, not one load per count)
-    and expands each to its E fields. Columns ≥ d of the tile decode whatever the last
-    word holds there (0 by the DeviceMask contract); ΔW is 0 there anyway (A's loads are
-    masked), so they add nothing to the value or the gradients.
+    Binary planes (BITS 1, 2, 4): loads the tile's BLOCK_N / E words per row once
+    (contiguous, not one load per count) and expands each to its E fields by shifts.
+    The trit plane (BITS == TRIT_PLANE, 20 counts per word): 20 does not divide a tile, so
+    each count loads its own word (adjacent columns share words: a warp's loads coalesce
+    into one or two 32-byte sectors), shifts its byte out, and takes base-3 digit
+    s = j mod 5 of it as ⌊byte · m_s / 2¹⁶⌋ mod 3 with m_s = ⌈2¹⁶ / 3^s⌉ — exact for every
+    byte (tests/test_kernels_reglora_tile.py checks all 256 × 5), two integer multiplies
+    instead of a division. Columns ≥ d of the tile decode whatever the last word holds
+    there (0 by the DeviceMask contract); ΔW is 0 there anyway (A's loads are masked), so
+    they add nothing to the value or the gradients.
     """
-    PER_WORD: tl.constexpr = 32 // BITS
-    WORDS: tl.constexpr = BLOCK_N // PER_WORD
-    tl.static_assert(BLOCK_N % PER_WORD == 0, "BLOCK_N must hold whole plane words")
-    word_cols = col0 // PER_WORD + tl.arange(0, WORDS)
-    words = tl.load(
-        plane_base + rows[:, None] * W + word_cols[None, :],
-        mask=(rows < K)[:, None] & (word_cols < W)[None, :],
-        other=0,
-    )
-    fields = tl.reshape(
-        tl.broadcast_to(words[:, :, None], [BLOCK_M, WORDS, PER_WORD]), [BLOCK_M, BLOCK_N]
-    )
-    shift = (tl.arange(0, BLOCK_N) % PER_WORD) * BITS
-    # Mask after the shift: the sign of the int32 word (arithmetic shift) does not matter.
-    return ((fields >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
+    if BITS == 3:
+        cols = col0 + tl.arange(0, BLOCK_N)
+        word_cols = cols // 20
+        words = tl.load(
+            plane_base + rows[:, None] * W + word_cols[None, :],
+            mask=(rows < K)[:, None] & (word_cols < W)[None, :],
+            other=0,
+        )
+        # Mask after the shift: the sign of the int32 word (arithmetic shift) does not matter.
+        byte = (words >> ((cols % 20) // 5 * 8)[None, :]) & 255
+        digit = cols % 5
+        magic = tl.where(
+            digit == 0,
+            65536,
+            tl.where(
+                digit == 1, 21846, tl.where(digit == 2, 7282, tl.where(digit == 3, 2428, 810))
+            ),
+        )
+        shifted = (byte * magic[None, :]) >> 16  # ⌊byte / 3^s⌋
+        return (shifted - 3 * ((shifted * 21846) >> 16)).to(tl.float32)  # mod 3
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        WORDS: tl.constexpr = BLOCK_N // PER_WORD
+        tl.static_assert(BLOCK_N % PER_WORD == 0, "BLOCK_N must hold whole plane words")
+        word_cols = col0 // PER_WORD + tl.arange(0, WORDS)
+        words = tl.load(
+            plane_base + rows[:, None] * W + word_cols[None, :],
+            mask=(rows < K)[:, None] & (word_cols < W)[None, :],
+            other=0,
+        )
+        fields = tl.reshape(
+            tl.broadcast_to(words[:, :, None], [BLOCK_M, WORDS, PER_WORD]), [BLOCK_M, BLOCK_N]
+        )
+        shift = (tl.arange(0, BLOCK_N) % PER_WORD) * BITS
+        # Mask after the shift: the sign of the int32 word (arithmetic shift) does not matter.
+        return ((fields >> shift[None, :]) & ((1 << BITS) - 1)).to(tl.float32)
 
 
 @triton.jit
@@ -303,6 +367,7 @@ def _delta_with(
 @triton.autotune(
     configs=_configs(ROW_OWNER_CONFIGS_CUDA, ROW_OWNER_CONFIG_INTERPRET),
     key=["K", "D", "R", "BITS", "INPUT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_row_owner_configs},
     # Configs differ in BLOCK_M, hence in how many partial slots they fill.
     reset_to_zero=["partial_ptr"],
 )
@@ -442,8 +507,8 @@ _RANK_STEP_INTERPRET = 128
 
 
 def words_per_row(d: int, bits: int) -> int:
-    """int32 words per plane row: ceil(d / (32 / bits))."""
-    return triton.cdiv(d, 32 // bits)
+    """int32 words per plane row: ceil(d / E), E = 32 / bits (20 for the trit plane)."""
+    return triton.cdiv(d, 20 if bits == TRIT_PLANE else 32 // bits)
 
 
 @dataclass(frozen=True)
@@ -635,7 +700,7 @@ def _check_group(bs, as_, planes, bits: int, inv_n: torch.Tensor, input_precisio
             f"{inv_n.numel()} inv_n values: the four must match and be non-empty"
         )
     if bits not in PLANE_BITS:
-        raise ValueError(f"plane bits must be one of {PLANE_BITS}, got {bits}")
+        raise ValueError(f"plane bits must be one of {PLANE_BITS} (3: trit plane), got {bits}")
     if input_precision not in INPUT_PRECISIONS:
         raise ValueError(
             f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}"
@@ -658,7 +723,8 @@ def _check_group(bs, as_, planes, bits: int, inv_n: torch.Tensor, input_precisio
         if plane.dtype != torch.int32 or plane.shape != (k, words) or not plane.is_contiguous():
             raise ValueError(
                 f"matrix {index}: the plane must be a contiguous int32 [{k}, {words}] tensor "
-                f"({bits}-bit counts of {d} columns), got {plane.dtype} {tuple(plane.shape)}"
+                f"({'trit' if bits == TRIT_PLANE else f'{bits}-bit'} counts of {d} columns), "
+                f"got {plane.dtype} {tuple(plane.shape)}"
             )
         if b.device != device or a.device != device or plane.device != device:
             raise ValueError(
@@ -745,7 +811,7 @@ def aot_launches(
                 **shape_args,
             },
             constexprs=owner_constexprs,
-            configs=ROW_OWNER_CONFIGS_CUDA,
+            configs=row_owner_configs(bits, dtype),
         ),
         AotLaunch(
             kernel=_tile_grad_a_kernel,

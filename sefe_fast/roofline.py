@@ -16,8 +16,9 @@ training task p + 1 (p = 1…7 earlier masks, tasks assumed to pick independentl
 - "gather": the three gather kernels (kernels/reglora_penalty.py) on a PositionPlan of u
   distinct positions: each position pulls one factor row (r · factor bytes) through L2 per
   kernel; grad_A reads rows/counts/signs indirectly (three 32-byte sectors).
-- "tile": the dense-tile owner kernels (kernels/reglora_tile.py) on a packed plane of
-  `bits` bits per entry, plus the gather kernels on the DeviceMask's extra list. The row
+- "tile": the dense-tile owner kernels (kernels/reglora_tile.py) on a packed plane (1, 2
+  or 4 bits per entry, or the trit plane's 1.6: sefe_fast/plane_format.py), plus the
+  gather kernels on the DeviceMask's extra list (counts above the plane's cap). The row
   owner ("fwd+grad_B") forms ΔW and from the same tile the value and dB (saved unscaled in
   fp32, k·r·4 bytes written); the column owner ("grad_A") forms ΔW again and dA, and the
   saved dB is scaled (read fp32, write the factors' dtype). 4·k·d·r FLOP each, 8·k·d·r per
@@ -28,7 +29,8 @@ training task p + 1 (p = 1…7 earlier masks, tasks assumed to pick independentl
   the column owner, from the configs that re-read least (`tile_blocks()`); ranks above 128
   re-form ΔW per rank chunk from rank steps of both factors. The plane is read once per
   pass from HBM, and the mask decode (shift, mask, convert, multiply, abs/sign) is
-  DECODE_OPS CUDA-core instructions per entry and pass, a bound of its own.
+  DECODE_OPS CUDA-core instructions per entry and pass (DECODE_OPS_TRIT for the trit
+  plane's base-3 digits), a bound of its own.
 
 Every kernel's time is the largest of its bounds (tensor or FMA FLOPs, CUDA-core
 instructions, HBM bytes, L2→SM bytes): a lower bound on the real time. Peak rates are the
@@ -57,11 +59,20 @@ from sefe_fast.memory_budget import (
     choose_under_budget,
     guarded_options,
 )
+from sefe_fast.plane_format import TRIT_PLANE, plane_label, plane_width
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 FACTOR_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
-DECODE_OPS = 6  # CUDA-core instructions per ΔW entry and pass to decode and weight a count
+# CUDA-core instructions per ΔW entry and pass to decode a count and use it. Binary planes:
+# shift, mask, convert (the tile's words are loaded once per BLOCK_N / E entries), then
+# multiply by |ΔW|, add, and the sign selects — 6. The trit plane: a 64-bit address and a
+# word load per entry, shift, mask, two multiply-shift pairs and a multiply-add for the
+# base-3 digit, convert — 12 — plus the same 3 uses: 15. (The per-entry loads also take
+# the load/store units: 2 passes × 6.5·10⁹ entries at 32 lanes per clock per SM is about
+# 1.7 ms on an H100, below every tile kernel's binding bound; not a bound of its own here.)
+DECODE_OPS = 6
+DECODE_OPS_TRIT = 15
 TILE_MODULE = "sefe_fast_kernels.reglora_tile"
 
 
@@ -168,7 +179,7 @@ class Cost:
 def mask_fractions(ratio: float, prior_tasks: int) -> dict[str, float]:
     """Fractions of a matrix's entries, for `prior_tasks` independent masks of `ratio`:
     n (positions with multiplicity), unique (chosen at least once), multi (at least twice),
-    above3 (more than 3 times), above15 (more than 15 times)."""
+    above2 / above3 / above15 (more than 2 / 3 / 15 times)."""
     p, q = int(prior_tasks), 1.0 - ratio
     at_most = [math.comb(p, c) * ratio**c * q ** (p - c) for c in range(min(p, 15) + 1)]
     return {
@@ -177,11 +188,13 @@ def mask_fractions(ratio: float, prior_tasks: int) -> dict[str, float]:
         "multi": max(1.0 - sum(at_most[:2]), 0.0) if p > 1 else 0.0,
         "above3": max(1.0 - sum(at_most[:4]), 0.0) if p > 3 else 0.0,
         "above15": max(1.0 - sum(at_most), 0.0) if p > 15 else 0.0,
+        "above2": max(1.0 - sum(at_most[:3]), 0.0) if p > 2 else 0.0,
     }
 
 
-# The fraction of mask_fractions listed beside a `bits`-bit plane (counts above 2^bits − 1).
-LISTED_FRACTION = {1: "multi", 2: "above3", 4: "above15"}
+# The fraction of mask_fractions listed beside each plane (counts above its cap), in plane
+# code order; the 4-bit plane, whose list is shortest, last (budget_step's guard).
+LISTED_FRACTION = {1: "multi", 2: "above3", TRIT_PLANE: "above2", 4: "above15"}
 # Bytes per listed position (int16 row and column, uint8 count, int32 column order; LLaVA-7B
 # dimensions < 2^15) as the DeviceMask lists hold them.
 LIST_POSITION_BYTES = 9
@@ -257,7 +270,8 @@ def tile_costs(
         rate, mult = {"tf32": ("tf32", 1), "tf32x3": ("tf32", 3), "ieee": ("fp32", 1)}[
             input_precision
         ]
-    plane = entries * bits / 8
+    plane = 4 * k * plane_width(d, bits) * count  # int32 words, the last one padded
+    decode_ops = DECODE_OPS_TRIT if bits == TRIT_PLANE else DECODE_OPS
     factors = (k + d) * rank * factor_bytes * count
     b_bytes, a_bytes = k * rank * factor_bytes * count, d * rank * factor_bytes * count
     chunks = math.ceil(rank / 128)  # rank chunks of ≤ 128 (kernels' block_r_for)
@@ -285,7 +299,7 @@ def tile_costs(
             shape,
             flops,
             rate,
-            DECODE_OPS * entries,
+            decode_ops * entries,
             plane + factors + grad_b_fp32,
             plane + row_reads + grad_b_fp32,
         ),
@@ -294,7 +308,7 @@ def tile_costs(
             shape,
             flops,
             rate,
-            DECODE_OPS * entries,
+            decode_ops * entries,
             plane + factors + grad_a_out + scale_grad_b,
             plane + col_reads + grad_a_out + scale_grad_b,
         ),
@@ -407,10 +421,19 @@ KERNEL_ROWS = (
     "tile 1-bit",
     "tile 1-bit no overlap",
     "tile 2-bit",
+    "tile trit",
     "tile 4-bit",
     "auto",
     "budget",
 )
+# The plane code of each "tile …" row.
+TILE_ROW_BITS = {
+    "tile 1-bit": 1,
+    "tile 1-bit no overlap": 1,
+    "tile 2-bit": 2,
+    "tile trit": TRIT_PLANE,
+    "tile 4-bit": 4,
+}
 
 
 def auto_step_time(
@@ -436,9 +459,9 @@ def auto_step_time(
 
 
 def modelled_mask_nbytes(k: int, d: int, bits: int, listed: float) -> float:
-    """Modelled bytes of one k×d DeviceMask: a `bits`-bit int32 plane (none for 0) plus a
-    list of `listed` positions per entry with its row and column offsets."""
-    plane = 0 if bits == 0 else 4 * k * math.ceil(d / (32 // bits))
+    """Modelled bytes of one k×d DeviceMask: an int32 plane of code `bits` (none for 0) plus
+    a list of `listed` positions per entry with its row and column offsets."""
+    plane = 0 if bits == 0 else 4 * k * plane_width(d, bits)
     positions = listed * k * d
     return plane + (positions * LIST_POSITION_BYTES + 4 * (k + d + 2) if positions else 0)
 
@@ -485,9 +508,10 @@ def budget_step(
 
 
 def format_picks(picks: dict[str, dict[int, int]]) -> str:
-    """ "4096×4096: 96×2b 32×1b; ..." (0b: gather kernels only)."""
+    """ "4096×4096: 32×1-bit 96×trit; ..." (matrices per plane; gather: no plane)."""
     return "; ".join(
-        f"{shape.split(' ')[0]}: " + " ".join(f"{n}×{b}b" for b, n in sorted(by_bits.items()))
+        f"{shape.split(' ')[0]}: "
+        + " ".join(f"{n}×{plane_label(b)}" for b, n in sorted(by_bits.items()))
         for shape, by_bits in picks.items()
     )
 
@@ -518,7 +542,9 @@ def summary(
                     row["budget GB"] = chosen["nbytes"] / 1e9
                     row["budget picks"] = format_picks(chosen["picks"])
                     continue
-                kernel, bits = ("tile", int(label[5])) if label.startswith("tile") else (label, 1)
+                kernel, bits = (
+                    ("tile", TILE_ROW_BITS[label]) if label in TILE_ROW_BITS else (label, 1)
+                )
                 overlap = 0.0 if label.endswith("no overlap") else 1.0
                 costs = step_costs(
                     p, kernel, factor_dtype, rank, ratio, bits, input_precision, overlap=overlap
@@ -555,7 +581,7 @@ def format_budget(rows: list[dict], factor_dtype_name: str, budget_gb: float) ->
     lines = [
         f'backend="triton" with reg_gpu_budget_gb = {budget_gb:g} ({factor_dtype_name} '
         "factors, independent tasks; MODELLED time and bytes — measured bytes: "
-        "profile_memory). Picks: matrices per plane (0b: gather kernels only):",
+        "profile_memory). Picks: matrices per plane (gather: the gather kernels only):",
         "",
         "| prior tasks | GPU | ms | official fp32 / budget | modelled GB | picks |",
         "|---|---|---|---|---|---|",
@@ -597,7 +623,7 @@ def report(
     for kernel, bits in (("official fp32", 1), ("official tf32", 1), ("gather", 1)):
         costs += step_costs(detail_tasks, kernel, dtype, bits=bits)
     costs += step_costs(detail_tasks, "tile", dtype, bits=1)
-    costs += [c for c in step_costs(detail_tasks, "tile", dtype, bits=4)]
+    costs += step_costs(detail_tasks, "tile", dtype, bits=TRIT_PLANE)
     crossover = ", ".join(
         f"{gpu.name} {crossover_density(k, d, 128, dtype, gpu.name) * 100:.2f} %"
         for gpu in GPUS
@@ -610,7 +636,7 @@ def report(
             format_budget(rows, factor_dtype_name, budget_gb),
             "",
             f"Per kernel at {detail_tasks} prior tasks (MODELLED; tile rows: 1-bit plane with "
-            "its extra list, then the 4-bit plane):",
+            "its extra list, then the trit plane with its list):",
             "",
             format_kernels(costs),
             "",

@@ -100,35 +100,40 @@ def test_kernels_also_compile_for_fp16_and_fp32_factors(dtype, archs):
         assert r.spill_bytes == 0, f"{r.kernel} {dtype} {r.config} spills"
 
 
-def test_two_bit_tile_configs_compile_without_spills_fp32_and_bf16():
-    # The report compiles the 4-bit decode; the 2-bit one (E = 16 counts per word) must
-    # also compile for both archs and both factor dtypes, every config, with 0 spills.
+@pytest.mark.parametrize("bits", [2, 3])
+def test_two_bit_and_trit_tile_configs_compile_without_spills_fp32_and_bf16(bits):
+    # The report compiles the 4-bit decode; the 2-bit one (E = 16 counts per word) and the
+    # trit plane's (a word load per count, base-3 digits) must also compile for both archs
+    # and both factor dtypes, every config the launcher may pick, with 0 spills.
     code = (
-        "import json, torch\n"
+        "import json, sys, torch\n"
         "from sefe_fast import kernel_report as kr\n"
         "from sefe_fast_kernels import reglora_tile as rt\n"
-        "rows = []\n"
+        "rows, expected = [], 0\n"
         "for dtype in (torch.float32, torch.bfloat16):\n"
-        "    for launch in rt.aot_launches(dtype=dtype, bits=2):\n"
+        f"    for launch in rt.aot_launches(dtype=dtype, bits={bits}):\n"
         "        fn = kr._jit_function(launch.kernel)\n"
         "        for kwargs, warps, stages in launch.configs:\n"
         "            for arch in (80, 90):\n"
+        "                expected += 1\n"
         "                r, _ = kr.compile_kernel(fn, launch.args,"
         " {**launch.constexprs, **kwargs}, warps, arch, stages)\n"
         "                rows.append([r.kernel, r.arch, str(dtype), launch.constexprs['BITS'],"
         " r.spill_bytes, r.stack_bytes, r.shared_bytes])\n"
-        "print(json.dumps(rows))\n"
+        "print(json.dumps([expected, rows]))\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
     )
     assert result.returncode == 0, result.stderr
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
-    expected = 2 * 2 * sum(CONFIG_COUNTS[k] for k in TILE_KERNELS)  # dtypes × archs × configs
+    expected, rows = json.loads(result.stdout.strip().splitlines()[-1])
+    # dtypes × archs × configs, minus the row-owner config the trit plane prunes for fp32
+    pruned = 2 if bits == 3 else 0
+    assert expected == 2 * 2 * sum(CONFIG_COUNTS[k] for k in TILE_KERNELS) - pruned
     assert len(rows) == expected
-    for kernel, arch, dtype, bits, spills, stack, shared in rows:
-        assert bits == 2
+    for kernel, arch, dtype, row_bits, spills, stack, shared in rows:
+        assert row_bits == bits
         assert spills == 0 and stack == 0, f"{kernel} {arch} {dtype}: spills {spills}"
         assert shared <= A100_MAX_SHARED, f"{kernel} {arch} {dtype}: {shared} B shared"
 

@@ -12,6 +12,9 @@ import torch
 
 from sefe_fast.position_plan import PositionPlan
 from sefe_fast.reglora.device_mask import (
+    PLANE_BITS,
+    PLANE_CAPS,
+    TRIT_PLANE,
     DeviceMask,
     build_device_mask,
     build_device_mask_group,
@@ -20,7 +23,7 @@ from sefe_fast.reglora.device_mask import (
 from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.reglora.penalty import penalty_device_mask, penalty_mask_group, reglora_penalty
 from sefe_fast_kernels import reglora_tile
-from sefe_fast_kernels.reglora_tile import penalty_tile_grouped, words_per_row
+from sefe_fast_kernels.reglora_tile import TRIT_MAGIC, penalty_tile_grouped, words_per_row
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -36,10 +39,10 @@ def factors(k: int, d: int, rank: int, seed: int, dtype=torch.float32):
 
 
 def random_counts(k: int, d: int, bits: int, density: float, seed: int) -> torch.Tensor:
-    """uint8 [k, d] counts in [1, 2^bits) at about `density` of the entries, 0 elsewhere."""
+    """uint8 [k, d] counts in [1, cap] at about `density` of the entries, 0 elsewhere."""
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.rand(k, d, generator=generator) < density
-    values = torch.randint(1, 1 << bits, (k, d), generator=generator)
+    values = torch.randint(1, PLANE_CAPS[bits] + 1, (k, d), generator=generator)
     return (values * chosen).to(torch.uint8)
 
 
@@ -85,7 +88,7 @@ def assert_matches(got, expected, value_rel=VALUE_REL, grad_rel=GRAD_REL):
 # some spanning several row and column blocks (the owners' loops); ranks from 1 (padded to
 # the 16 tl.dot needs) to 130 (two rank chunks of 128: no resident owner block, ΔW
 # re-formed from rank steps, the value reported by chunk 0 only).
-@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("bits", PLANE_BITS)
 @pytest.mark.parametrize(
     ("k", "d", "rank"),
     [(70, 130, 1), (37, 53, 7), (131, 197, 7), (45, 67, 16), (23, 29, 130), (70, 140, 130)],
@@ -101,24 +104,55 @@ def test_plane_penalty_matches_float64_dense_formula(k, d, rank, bits):
     assert_matches(got, dense_reference(lora_b, lora_a, counts, n_total))
 
 
-@pytest.mark.parametrize("bits", [2, 4])
+def test_trit_digit_extraction_is_exact_for_every_byte():
+    # The kernel's ⌊byte · m_s / 2¹⁶⌋ mod 3 (m_s = ⌈2¹⁶ / 3^s⌉) in the int32 arithmetic it
+    # runs, against the plain base-3 digit, for all 256 bytes and 5 digit slots.
+    byte = torch.arange(256, dtype=torch.int32)[:, None]
+    magic = torch.tensor(TRIT_MAGIC, dtype=torch.int32)[None, :]
+    shifted = (byte * magic) >> 16
+    digit = shifted - 3 * ((shifted * 21846) >> 16)
+    expected = torch.div(byte, 3 ** torch.arange(5, dtype=torch.int32), rounding_mode="floor") % 3
+    assert torch.equal(digit, expected)
+
+
+@pytest.mark.parametrize("bits", [2, TRIT_PLANE, 4])
 def test_every_count_value_of_a_multi_bit_plane_is_decoded(bits):
-    # Counts 0..2^bits − 1 in every column residue mod E (all shifts, the sign bit's too).
-    k, d = 16, 40
-    top = 1 << bits
+    # Counts 0..cap in every column residue mod E (all shifts and trit slots, the sign
+    # bit's too); 70 columns: the trit plane's words straddle the 64-column tiles.
+    k, d = 16, 70
+    top = PLANE_CAPS[bits] + 1
     counts = ((torch.arange(k)[:, None] + torch.arange(d)[None, :]) % top).to(torch.uint8)
     lora_b, lora_a = factors(k, d, 8, seed=3)
     got = tile(lora_b, lora_a, counts, bits, int(counts.sum()))
     assert_matches(got, dense_reference(lora_b, lora_a, counts, int(counts.sum())))
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("bits", PLANE_BITS)
 def test_all_positions_chosen(bits):
     k, d = 33, 70
-    counts = torch.full((k, d), (1 << bits) - 1, dtype=torch.uint8)
+    counts = torch.full((k, d), PLANE_CAPS[bits], dtype=torch.uint8)
     lora_b, lora_a = factors(k, d, 24, seed=4)
     got = tile(lora_b, lora_a, counts, bits, int(counts.sum()))
     assert_matches(got, dense_reference(lora_b, lora_a, counts, int(counts.sum())))
+
+
+def test_trit_fp32_row_owner_prunes_the_config_that_spills(monkeypatch):
+    # On CUDA the autotuner must never try the row-owner config that spills with the trit
+    # decode and fp32 factors; every other (code, dtype) keeps the whole list.
+    monkeypatch.setattr(reglora_tile, "INTERPRET", False)
+    configs = reglora_tile._configs(reglora_tile.ROW_OWNER_CONFIGS_CUDA, None)
+    excluded = reglora_tile.ROW_OWNER_TRIT_FP32_EXCLUDED
+
+    def kept(bits, dtype):
+        named = {"b_ptr": torch.empty(1, dtype=dtype)}
+        chosen = reglora_tile._prune_row_owner_configs(configs, named, BITS=bits)
+        return [(c.kwargs, c.num_warps, c.num_stages) for c in chosen]
+
+    trit_fp32 = kept(TRIT_PLANE, torch.float32)
+    assert trit_fp32 and not any(c in excluded for c in trit_fp32)
+    assert len(trit_fp32) == len(configs) - len(excluded)
+    for bits, dtype in ((TRIT_PLANE, torch.bfloat16), (1, torch.float32), (4, torch.float32)):
+        assert len(kept(bits, dtype)) == len(configs)
 
 
 def test_empty_plane_gives_zero_and_zero_gradients():
@@ -267,7 +301,7 @@ def test_bad_planes_and_arguments_are_clear_errors():
     ):
         penalty_tile_grouped([lora_b], [lora_a], [plane], 1, inv_n)
     with pytest.raises(ValueError, match="plane bits must be one of"):
-        penalty_tile_grouped([lora_b], [lora_a], [plane], 3, inv_n)
+        penalty_tile_grouped([lora_b], [lora_a], [plane], 5, inv_n)
     with pytest.raises(ValueError, match="input_precision must be one of"):
         penalty_tile_grouped([lora_b], [lora_a], [plane], 4, inv_n, input_precision="fp8")
     with pytest.raises(ValueError, match="matrix 1"):
@@ -296,7 +330,7 @@ def mask_with_bits(key_elements: KeyElements, bits: int, device=DEVICE) -> Devic
     k, d = key_elements.shape
     linear = key_elements.linear()
     counts = torch.bincount(linear, minlength=k * d).reshape(k, d)
-    cap = (1 << bits) - 1
+    cap = PLANE_CAPS[bits]
     plane = pack_counts(counts.clamp(max=cap).to(torch.uint8), bits)
     excess = (counts - cap).clamp(min=0).flatten()
     listed = torch.nonzero(excess).flatten()
@@ -323,10 +357,10 @@ def reference_of(key_elements: KeyElements, lora_b, lora_a):
     )
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("bits", PLANE_BITS)
 def test_plane_plus_extra_list_keeps_duplicates_exact(bits):
-    # 1 bit: every position chosen twice is listed with count 1; 4 bits: 20 tasks' worth
-    # of repeats push some counts above 15 into the list.
+    # 1 bit: every position chosen twice is listed with count 1; trit: three times, with
+    # count − 2; 4 bits: 20 tasks' worth of repeats push some counts above 15 into the list.
     k, d = 40, 70
     ke = key_elements_with_duplicates(k, d, tasks=3 if bits == 1 else 20, density=0.5, seed=bits)
     mask = mask_with_bits(ke, bits)
@@ -347,11 +381,11 @@ def test_reglora_penalty_gpu_backends_match_the_reference(backend):
 
 def test_forced_representations_are_the_requested_ones():
     ke = key_elements_with_duplicates(20, 30, tasks=2, density=0.1, seed=12)
-    assert build_device_mask(ke, kernel="tile").bits in (1, 2, 4)
+    assert build_device_mask(ke, kernel="tile").bits in PLANE_BITS
     assert build_device_mask(ke, kernel="gather").bits == 0
 
 
-@pytest.mark.parametrize("bits", [0, 1, 2, 4])
+@pytest.mark.parametrize("bits", [0, *PLANE_BITS])
 def test_mask_group_matches_the_reference_per_matrix(bits):
     # A (shape, bits) group with an empty matrix and lists on some matrices only.
     k, d, rank = 30, 50, 6
@@ -398,7 +432,7 @@ CUDA_CONTRACT = [
 @pytest.mark.skipif(not CUDA, reason="needs a GPU (the interpreter runs fp32 'ieee' only)")
 @pytest.mark.parametrize(("dtype", "precision", "value_tol", "grad_tol"), CUDA_CONTRACT)
 @pytest.mark.parametrize(("k", "d", "rank"), [(520, 770, 128), (300, 200, 7), (257, 129, 130)])
-@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("bits", PLANE_BITS)
 def test_cuda_accuracy_contract(dtype, precision, value_tol, grad_tol, k, d, rank, bits):
     lora_b, lora_a = factors(k, d, rank, seed=rank, dtype=dtype)
     counts = random_counts(k, d, bits, 0.2, seed=bits)

@@ -227,7 +227,7 @@ def test_gpu_resident_bytes_are_the_real_device_tensors(small_profile):
         assert rows[p]["gpu_resident_bytes"] == reg.device_nbytes() > 0
         assert rows[p]["gpu_resident_bytes"] <= rows[p]["vanilla_mask_bytes"]
         assert rows[p]["gpu_budget_bytes"] == 1_500_000_000
-    kinds = {"gather", "tile1", "tile2", "tile4"}
+    kinds = {"gather", "1-bit", "2-bit", "trit", "4-bit"}
     assert all(set(m.gpu_representation.split("+")) <= kinds for m in details)
 
 

@@ -10,10 +10,14 @@ from sefe_fast.position_plan import MaskStats
 from sefe_fast.reglora import KeyElements, PositionPlan, merge_key_elements
 from sefe_fast.reglora import key_elements as key_elements_module
 from sefe_fast.reglora.device_mask import (
+    PLANE_BITS,
+    PLANE_CAPS,
+    TRIT_PLANE,
     DeviceMask,
     build_device_mask,
     build_plane,
     choose_bits,
+    entries_per_word,
     mask_statistics,
     pack_counts,
     plan_nbytes_for,
@@ -28,34 +32,49 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _contract_decode(plane: torch.Tensor, bits: int, d: int) -> torch.Tensor:
-    """The decoding K1's kernels implement, written out from the contract."""
-    per_word = 32 // bits
+    """The decoding the kernels implement, written out from the contract (module docstring
+    of sefe_fast/reglora/device_mask.py) one column at a time, in int64."""
     j = torch.arange(d)
+    if bits == TRIT_PLANE:
+        slot = j % 20
+        byte = (plane[:, j // 20].long() >> (8 * (slot // 5))) & 255
+        return torch.div(byte, 3 ** (slot % 5), rounding_mode="floor") % 3
+    per_word = 32 // bits
     return (plane[:, j // per_word] >> (bits * (j % per_word))) & ((1 << bits) - 1)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
-@pytest.mark.parametrize("d", [1, 7, 8, 31, 32, 33, 100])
+@pytest.mark.parametrize("bits", PLANE_BITS)
+@pytest.mark.parametrize("d", [1, 7, 8, 19, 20, 21, 31, 32, 33, 100])
 def test_pack_unpack_round_trip_any_width(bits, d):
     gen = torch.Generator().manual_seed(d)
-    counts = torch.randint(0, 1 << bits, (300, d), generator=gen, dtype=torch.uint8)
-    counts[0] = (1 << bits) - 1  # every field at its largest value, bit 31 included
+    per_word = entries_per_word(bits)
+    counts = torch.randint(0, PLANE_CAPS[bits] + 1, (300, d), generator=gen, dtype=torch.uint8)
+    counts[0] = PLANE_CAPS[bits]  # every field at its largest value, bit 31 included
     plane = pack_counts(counts, bits)
-    assert plane.dtype == torch.int32 and plane.shape == (300, -(-d // (32 // bits)))
+    assert plane.dtype == torch.int32 and plane.shape == (300, -(-d // per_word))
     assert torch.equal(unpack_counts(plane, bits, d), counts)
     assert torch.equal(_contract_decode(plane, bits, d).to(torch.uint8), counts)
     # columns past d in the last word are 0
-    padded = _contract_decode(plane, bits, plane.shape[1] * (32 // bits))
+    padded = _contract_decode(plane, bits, plane.shape[1] * per_word)
     assert int(padded[:, d:].abs().sum()) == 0
 
 
+def test_trit_plane_takes_a_fifth_of_a_byte_per_entry():
+    assert entries_per_word(TRIT_PLANE) == 20 and PLANE_CAPS[TRIT_PLANE] == 2
+    # 4096 columns: 205 words per row, 1.6 bits per entry up to the last word's padding
+    assert plane_nbytes((4096, 4096), TRIT_PLANE) == 4 * 4096 * 205
+    assert plane_nbytes((100, 40), TRIT_PLANE) == 100 * 2 * 4
+
+
 def test_pack_rejects_bad_input():
-    with pytest.raises(ValueError, match="does not fit in 1 bits"):
+    with pytest.raises(ValueError, match="does not fit a 1-bit plane"):
         pack_counts(torch.full((2, 3), 2, dtype=torch.uint8), 1)
     with pytest.raises(ValueError, match="uint8"):
         pack_counts(torch.zeros(2, 3, dtype=torch.int32), 4)
     with pytest.raises(ValueError, match="plane bits must be one of"):
-        pack_counts(torch.zeros(2, 3, dtype=torch.uint8), 3)
+        pack_counts(torch.zeros(2, 3, dtype=torch.uint8), 5)
+    with pytest.raises(ValueError, match="does not fit a trit plane"):
+        pack_counts(torch.full((2, 3), 3, dtype=torch.uint8), TRIT_PLANE)
     with pytest.raises(ValueError, match=r"int32 \[k, 1\]"):
         unpack_counts(torch.zeros(2, 2, dtype=torch.int32), 4, 5)
 
@@ -89,7 +108,7 @@ def _cases():
 
 
 @pytest.mark.parametrize("case", list(_cases()))
-@pytest.mark.parametrize("bits", [0, 1, 2, 4])
+@pytest.mark.parametrize("bits", [0, *PLANE_BITS])
 def test_device_mask_gives_the_official_penalty_and_the_plans_counts(case, bits):
     ke = _cases()[case]
     mask = build_device_mask(ke, bits=bits)
@@ -110,7 +129,7 @@ def test_device_mask_gives_the_official_penalty_and_the_plans_counts(case, bits)
         assert value.item() == 0.0
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("bits", PLANE_BITS)
 def test_streamed_plane_equals_the_dense_reference_encoder(bits, monkeypatch):
     monkeypatch.setattr(key_elements_module, "DECODE_CHUNK", 5)  # many decode chunks
     ke = _cases()["counts above 15"]
@@ -119,7 +138,7 @@ def test_streamed_plane_equals_the_dense_reference_encoder(bits, monkeypatch):
         plane = build_plane(ke.shape, lambda b=block: ke.unique_row_blocks(b), bits)
         dense = torch.zeros(37 * 45, dtype=torch.int64)
         dense.index_add_(0, ke.linear(), torch.ones(len(ke), dtype=torch.int64))
-        capped = dense.clamp(max=(1 << bits) - 1).reshape(37, 45).to(torch.uint8)
+        capped = dense.clamp(max=PLANE_CAPS[bits]).reshape(37, 45).to(torch.uint8)
         assert torch.equal(plane, pack_counts(capped, bits))
     assert stats.max_count == int(dense.max()) >= 17
     assert stats.above[15] == int((dense > 15).sum()) == 3
@@ -136,16 +155,19 @@ def test_streamed_plan_equals_the_plan_from_indices(monkeypatch):
         assert torch.equal(getattr(plan, field), getattr(expected, field)), field
 
 
-def _stats(shape, multi, above15=0, above3: int | None = None):
-    """Synthetic statistics: `multi` positions chosen more than once."""
+def _stats(shape, multi, above15=0, above3: int | None = None, above2: int | None = None):
+    """Synthetic statistics: `multi` positions chosen more than once (by default all of
+    them more than three times)."""
     d = shape[1]
+    above3 = multi if above3 is None else above3
+    above2 = max(multi, above3) if above2 is None else above2
     return MaskStats(
         shape=shape,
         n_total=10 * multi + 1,
         num_unique=5 * multi + 1,
         max_count=16 if above15 else 4,
-        above={0: 5 * multi + 1, 1: multi, 3: above3 if above3 is not None else multi, 15: above15},
-        col_counts={t: torch.zeros(d, dtype=torch.int64) for t in (0, 1, 3, 15)},
+        above={0: 5 * multi + 1, 1: multi, 2: above2, 3: above3, 15: above15},
+        col_counts={t: torch.zeros(d, dtype=torch.int64) for t in (0, 1, 2, 3, 15)},
     )
 
 
@@ -164,9 +186,17 @@ def test_representation_choice_at_the_threshold():
     assert representation_nbytes(stats, 1) > representation_nbytes(stats, 4)
     with pytest.raises(ValueError, match="kernel 'tile' or 'gather'"):
         choose_bits(stats, "auto")
-    # the same list made of positions chosen two or three times: the 2-bit plane holds them
-    # all (no list) and is the smallest of the three
+    # the same list made of positions chosen three times: the 2-bit plane holds them all
+    # (no list) and is the smallest; chosen exactly twice: the trit plane holds them in a
+    # fifth of a byte per entry, smaller still
     assert choose_bits(_stats(shape, at + 1, above3=0), "tile") == 2
+    assert choose_bits(_stats(shape, at + 1, above3=0, above2=0), "tile") == TRIT_PLANE
+    # between the union bit plane and the trit plane: the 1-bit list may cost up to the
+    # trit plane's extra bytes when no position was chosen three times
+    trit_budget = plane_nbytes(shape, TRIT_PLANE) - plane_nbytes(shape, 1)
+    at_trit = (trit_budget - offsets) // per_position
+    assert choose_bits(_stats(shape, at_trit, above3=0, above2=0), "tile") == 1
+    assert choose_bits(_stats(shape, at_trit + 1, above3=0, above2=0), "tile") == TRIT_PLANE
 
 
 def test_auto_follows_the_roofline_crossover():
@@ -184,7 +214,7 @@ def test_auto_follows_the_roofline_crossover():
 
     sparse, dense = mask(crossover / 2), mask(2 * crossover)
     assert build_device_mask(sparse, kernel="auto", gpu="A100-SXM4").bits == 0
-    assert build_device_mask(dense, kernel="auto", gpu="A100-SXM4").bits in (1, 2, 4)
+    assert build_device_mask(dense, kernel="auto", gpu="A100-SXM4").bits in PLANE_BITS
     assert build_device_mask(KeyElements.empty(shape), kernel="tile").nbytes == 0
     with pytest.raises(ValueError, match="unknown DeviceMask kernel"):
         build_device_mask(dense, kernel="dense")
@@ -194,7 +224,7 @@ def _held_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-@pytest.mark.parametrize("bits", [0, 1, 2, 4])
+@pytest.mark.parametrize("bits", [0, *PLANE_BITS])
 def test_nbytes_is_the_sum_of_the_real_tensors(bits):
     ke = _cases()["counts above 15"]
     mask = build_device_mask(ke, bits=bits)
@@ -262,5 +292,7 @@ def test_overlap_scenarios_pick_the_documented_task_orders():
     assert SCENARIOS["identical"](3) == [0, 0, 0]
     assert SCENARIOS["pairs"](7) == [0, 0, 1, 1, 2, 2, 3]
     row = {"scenario": "pairs", "prior_tasks": 7, "multi": 5, "vanilla_bytes": 2e9}
-    row.update({"bytes_gather": 1e9, "bytes_tile1": 3e9, "bytes_tile4": 2e9, "bytes_tile": 2e9})
-    assert "| 7 pairs | 5 | 2.000 | 1.000 | 3.000 | 2.000 | 2.000 |" in format_scenarios([row])
+    row.update({"bytes_gather": 1e9, "bytes_tile1": 3e9, "bytes_tile3": 1.5e9})
+    row.update({"bytes_tile4": 2e9, "bytes_tile": 1.5e9})
+    table = format_scenarios([row])
+    assert "| 7 pairs | 5 | 2.000 | 1.000 | 3.000 | 1.500 | 2.000 | 1.500 |" in table

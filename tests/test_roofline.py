@@ -162,3 +162,26 @@ def test_budget_policy_rows_respect_the_budget_and_are_monotone():
     for r in rows:
         assert r["budget GB"] <= 1.5
         assert r["speedup budget"] == pytest.approx(r["official fp32 ms"] / r["budget ms"])
+
+
+def test_budget_rows_meet_the_five_times_goal_at_every_task_count():
+    # Issue 17's goal, on the model: fp32 factors, A100 and H100, p = 1…7, within 1.5 GB.
+    for r in roofline.summary(torch.float32):
+        assert r["budget GB"] <= 1.5
+        assert r["speedup budget"] >= 5.0, (r["prior_tasks"], r["gpu"], r["budget picks"])
+
+
+def test_trit_plane_terms():
+    # 20 counts per int32 word (the last one padded), the base-3 decode's instructions, and
+    # the list of counts above 2.
+    k, d = 4096, 4096
+    costs = roofline.tile_costs(k, d, 1, 128, 3, 4)
+    binary = roofline.tile_costs(k, d, 1, 128, 2, 4)
+    plane = 4 * k * -(-d // 20)
+    for trit, two_bit in zip(costs, binary):
+        assert trit.hbm_bytes - two_bit.hbm_bytes == plane - 4 * k * (d // 16)
+        assert trit.alu_ops == roofline.DECODE_OPS_TRIT * k * d
+    assert roofline.LISTED_FRACTION[3] == "above2"
+    f = roofline.mask_fractions(0.02, 7)
+    assert f["above3"] < f["above2"] < f["multi"]
+    assert roofline.modelled_mask_nbytes(k, d, 3, 0.0) == plane

@@ -10,7 +10,7 @@ stage01_…, stage02_…) and, for p = 1 … T merged tasks, over all matrices:
   measured, next to what independent choices of the same per-task fraction ρ would give
   (1 − (1 − ρ)^p and 1 − (1 − ρ)^p − p·ρ·(1 − ρ)^(p−1)); overlap = measured multi /
   independent multi (1: independent; > 1: tasks pick the same entries more often);
-- the bytes of each DeviceMask representation (gather plan, 1-bit plane + list, 4-bit
+- the bytes of each DeviceMask representation (gather plan, 1-bit, 2-bit, trit and 4-bit
   plane + list), from the real tensors `build_device_mask` builds, and of the one
   `choose_bits` takes for the tile kernels, against the official int64 masks (16 B/entry).
 
@@ -31,11 +31,18 @@ from pathlib import Path
 
 from sefe_fast.bench.lora_shapes import SPECS
 from sefe_fast.bench.workloads import default_cache_dir, task_selection
-from sefe_fast.reglora.device_mask import build_device_mask, choose_bits, mask_statistics
+from sefe_fast.reglora.device_mask import (
+    PLANE_BITS,
+    build_device_mask,
+    choose_bits,
+    mask_statistics,
+)
 from sefe_fast.reglora.key_elements import merge_key_elements
 from sefe_fast.reglora.storage import load_key_elements
 from sefe_fast.roofline import mask_fractions
 from sefe_fast.run_results import markdown_table
+
+PLANE_KEYS = tuple(f"tile{b}" for b in PLANE_BITS)  # bytes_tile3: the trit plane
 
 
 def overlap_rows(directory: Path) -> list[dict]:
@@ -51,7 +58,7 @@ def overlap_rows(directory: Path) -> list[dict]:
     rows = []
     for p in range(1, len(tasks) + 1):
         row = {"prior_tasks": p, "entries": 0, "positions": 0, "unique": 0, "multi": 0}
-        row.update({f"bytes_{b}": 0 for b in ("gather", "tile1", "tile2", "tile4", "tile")})
+        row.update({f"bytes_{b}": 0 for b in ("gather", *PLANE_KEYS, "tile")})
         for name in names:
             merged = merge_key_elements([task[name] for task in tasks[:p]])
             stats = mask_statistics(merged)
@@ -60,11 +67,12 @@ def overlap_rows(directory: Path) -> list[dict]:
             row["positions"] += stats.n_total
             row["unique"] += stats.num_unique
             row["multi"] += stats.above[1]
-            sizes = {b: build_device_mask(merged, bits=b, stats=stats).nbytes for b in (0, 1, 2, 4)}
+            sizes = {
+                b: build_device_mask(merged, bits=b, stats=stats).nbytes for b in (0, *PLANE_BITS)
+            }
             row["bytes_gather"] += sizes[0]
-            row["bytes_tile1"] += sizes[1]
-            row["bytes_tile2"] += sizes[2]
-            row["bytes_tile4"] += sizes[4]
+            for b in PLANE_BITS:
+                row[f"bytes_tile{b}"] += sizes[b]
             row["bytes_tile"] += sizes[choose_bits(stats, "tile")]
         rho = row["positions"] / p / row["entries"]
         independent = mask_fractions(rho, p)
@@ -93,20 +101,21 @@ def scenario_rows(tasks: int = 7, rank: int = 128, ratio: float = 0.02) -> list[
     rows = []
     for scenario, order in SCENARIOS.items():
         row = {"scenario": scenario, "prior_tasks": tasks, "positions": 0, "multi": 0}
-        row.update({f"bytes_{b}": 0 for b in ("gather", "tile1", "tile2", "tile4", "tile")})
+        row.update({f"bytes_{b}": 0 for b in ("gather", *PLANE_KEYS, "tile")})
         for (k, d), count in spec.shape_counts().items():
             picks = [
                 task_selection(k, d, rank, ratio, t, default_cache_dir()) for t in order(tasks)
             ]
             merged = merge_key_elements(picks)
             stats = mask_statistics(merged)
-            sizes = {b: build_device_mask(merged, bits=b, stats=stats).nbytes for b in (0, 1, 2, 4)}
+            sizes = {
+                b: build_device_mask(merged, bits=b, stats=stats).nbytes for b in (0, *PLANE_BITS)
+            }
             row["positions"] += count * stats.n_total
             row["multi"] += count * stats.above[1]
             row["bytes_gather"] += count * sizes[0]
-            row["bytes_tile1"] += count * sizes[1]
-            row["bytes_tile2"] += count * sizes[2]
-            row["bytes_tile4"] += count * sizes[4]
+            for b in PLANE_BITS:
+                row[f"bytes_tile{b}"] += count * sizes[b]
             row["bytes_tile"] += count * sizes[choose_bits(stats, "tile")]
         row["vanilla_bytes"] = 16 * row["positions"]
         rows.append(row)
@@ -116,8 +125,9 @@ def scenario_rows(tasks: int = 7, rank: int = 128, ratio: float = 0.02) -> list[
 def format_scenarios(rows: list[dict]) -> str:
     """Markdown table of `scenario_rows` (GB)."""
     header = ["masks merged", "positions chosen ≥ 2×", "vanilla GB", "gather GB"]
-    header += ["tile 1-bit GB", "tile 4-bit GB", "chosen tile GB"]
-    keys = ("vanilla_bytes", "bytes_gather", "bytes_tile1", "bytes_tile4", "bytes_tile")
+    header += ["tile 1-bit GB", "tile trit GB", "tile 4-bit GB", "chosen tile GB"]
+    keys = ("vanilla_bytes", "bytes_gather", "bytes_tile1", "bytes_tile3", "bytes_tile4")
+    keys += ("bytes_tile",)
     table = [
         [f"{r['prior_tasks']} {r['scenario']}", f"{r['multi']:,}"]
         + [f"{r[key] / 1e9:.3f}" for key in keys]
@@ -129,8 +139,10 @@ def format_scenarios(rows: list[dict]) -> str:
 def format_rows(rows: list[dict]) -> str:
     """Markdown table of `overlap_rows`."""
     header = ["merged tasks", "unique % (indep.)", "chosen ≥ 2× (indep. %)", "overlap"]
-    header += ["vanilla B", "gather B", "tile 1-bit B", "tile 4-bit B", "chosen tile B"]
-    keys = ("vanilla_bytes", "bytes_gather", "bytes_tile1", "bytes_tile4", "bytes_tile")
+    header += ["vanilla B", "gather B", "tile 1-bit B", "tile trit B", "tile 4-bit B"]
+    header += ["chosen tile B"]
+    keys = ("vanilla_bytes", "bytes_gather", "bytes_tile1", "bytes_tile3", "bytes_tile4")
+    keys += ("bytes_tile",)
     table = [
         [
             str(r["prior_tasks"]),

@@ -67,6 +67,7 @@ from sefe_fast.bench.workloads import (
 )
 from sefe_fast.memory_budget import budget_bytes
 from sefe_fast.paper_defaults import MASK_RATIO
+from sefe_fast.plane_format import plane_label
 from sefe_fast.position_plan import plan_tensors
 from sefe_fast.reglora import (
     KeyElements,
@@ -199,7 +200,7 @@ def gpu_resident(
     reg = RegLoRA({"matrix": key_elements}, backend=backend)
     groups = reg.device_groups("cpu", rank, dtype, backend, gpu)
     nbytes = sum(t.numel() * t.element_size() for _, g in groups for t in g.tensors())
-    kinds = [("gather" if g.bits == 0 else f"tile{g.bits}") for _, g in groups]
+    kinds = [plane_label(g.bits) for _, g in groups]
     return nbytes, "+".join(kinds) or "empty"
 
 
@@ -248,7 +249,7 @@ def budget_resident(
 
 
 def _representation(by_bits: dict[int, int]) -> str:
-    names = {b: ("gather" if b == 0 else f"tile{b}") for b in by_bits}
+    names = {b: plane_label(b) for b in by_bits}
     if len(by_bits) == 1:
         return next(iter(names.values()))
     return "+".join(f"{n}×{names[b]}" for b, n in sorted(by_bits.items())) or "empty"

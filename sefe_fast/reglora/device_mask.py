@@ -7,7 +7,12 @@ a list part:
     c(i, j) = c_plane(i, j) + c_extra(i, j),
     c_plane(i, j) = (plane[i, j // E] >> (bits · (j % E))) & (2^bits − 1),   E = 32 // bits,
 
-with `plane` int32 [k, ceil(d / E)] (columns ≥ d of the last word are 0; the mask is applied
+for a binary plane, and for the trit plane (code TRIT_PLANE = 3: counts 0–2, E = 20)
+
+    c_plane(i, j) = ⌊byte / 3^(s mod 5)⌋ mod 3,  byte = (plane[i, j // 20] >> 8·⌊s / 5⌋) & 255,
+    s = j mod 20,
+
+with `plane` int32 [k, ceil(d / E)] (columns ≥ d of the last word are 0; masks are applied
 after the shift, so the sign of the int32 word does not matter) and `extra` an ordinary
 `PositionPlan` whose counts are c − c_plane > 0 (its own n_total is *not* the mean's
 denominator; `DeviceMask.n_total` is). The penalty keeps the official semantics exactly:
@@ -22,13 +27,19 @@ Three representations (bits):
 - 2: a count plane (k·d/4 bytes, counts up to 3) plus, in `extra`, anything above 3 —
   between the two in memory, and its list stays short while few positions were chosen by
   more than three tasks;
+- 3 (the trit plane): counts 0–2 in base 3, five per byte (3⁵ = 243 ≤ 256), k·d/5 bytes
+  (1.6 bits per entry), plus, in `extra`, anything above 2 — 20 % smaller than the 2-bit
+  plane, and its list (positions chosen by three or more tasks) stays short much longer
+  than the 1-bit plane's (chosen by two or more);
 - 4: a count plane (k·d/2 bytes, counts up to 15) plus, in `extra`, anything above 15.
 
 Why (LLaVA-7B, 224 matrices, 6.48·10⁹ entries, while training task 8 = 7 earlier masks of
 2 %): the official int64 pairs take 14.5 GB; a uint8 count plane 6.5 GB; the 4-bit plane
 3.24 GB; per-task bit planes 0.81 GB per task (5.7 GB); the union bit plane 0.81 GB plus a
 list of the positions chosen more than once — with independent tasks 1 − 0.98⁷ − 7·0.02·0.98⁶
-= 0.79 % of the entries, 9 B each = 0.46 GB — about 1.3 GB. The list grows with the overlap
+= 0.79 % of the entries, 9 B each = 0.46 GB — about 1.3 GB; the trit plane 1.30 GB plus
+the positions chosen three times or more (0.026 %, 15 MB) — about the same bytes, but a list
+the gather kernels get through 30× faster (sefe_fast.roofline). The list grows with the overlap
 between tasks, so `choose_bits` takes the 4-bit plane for a matrix whose list would cost more
 than the 4-bit plane's extra half byte per entry: the total never exceeds 3.24 GB plus the
 offsets, whatever the overlap, and is never more than the official masks (16 B per chosen
@@ -52,6 +63,16 @@ from dataclasses import dataclass
 
 import torch
 
+from sefe_fast.plane_format import (
+    PLANE_BITS,
+    PLANE_CAPS,
+    TRIT_PLANE,
+    TRITS_PER_BYTE,
+    check_plane_bits,
+    entries_per_word,
+    plane_label,
+    plane_width,
+)
 from sefe_fast.position_plan import (
     MaskStats,
     PositionPlan,
@@ -64,24 +85,9 @@ from sefe_fast.position_plan import (
 from sefe_fast.reglora.key_elements import KeyElements
 from sefe_fast.roofline import preferred_kernel
 
-PLANE_BITS = (1, 2, 4)
 KERNELS = ("auto", "tile", "gather")
-# Multiplicities above which a plane of `bits` needs the list: 1, 3 or 15.
-PLANE_CAPS = {bits: (1 << bits) - 1 for bits in PLANE_BITS}
-STAT_THRESHOLDS = (0, *PLANE_CAPS.values())
+STAT_THRESHOLDS = (0, *sorted(PLANE_CAPS.values()))
 _PACK_ROWS = 256  # rows packed / unpacked at once by the dense reference helpers
-
-
-def entries_per_word(bits: int) -> int:
-    """E = 32 // bits: how many counts one int32 word holds."""
-    _check_bits(bits)
-    return 32 // bits
-
-
-def plane_width(d: int, bits: int) -> int:
-    """Words per row of a plane: ceil(d / E)."""
-    per_word = entries_per_word(bits)
-    return (int(d) + per_word - 1) // per_word
 
 
 def plane_nbytes(shape: tuple[int, int], bits: int) -> int:
@@ -101,57 +107,75 @@ def plan_nbytes_for(shape: tuple[int, int], num_unique: int, max_count: int) -> 
     return num_unique * per_position + 4 * (k + 1) + 4 * (d + 1)
 
 
-def _check_bits(bits: int) -> None:
-    if bits not in PLANE_BITS:
-        raise ValueError(f"plane bits must be one of {PLANE_BITS}, got {bits!r}")
+def _field_weights(bits: int, device: torch.device) -> torch.Tensor:
+    """int64 [E]: what a count of 1 at slot t of a word adds to the word — 2^(bits·t) for a
+    binary plane, 3^(t mod 5) · 2^(8·(t div 5)) for the trit plane. Slots never carry into
+    each other (a count below the cap keeps its field, or its byte, in range), so a word is
+    the plain sum Σ_t count_t · weight_t."""
+    slots = torch.arange(entries_per_word(bits), dtype=torch.int64, device=device)
+    if bits == TRIT_PLANE:
+        return 3 ** (slots % TRITS_PER_BYTE) << (8 * (slots // TRITS_PER_BYTE))
+    return torch.ones_like(slots) << (bits * slots)
 
 
-def _shifts(bits: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(entries_per_word(bits), dtype=torch.int32, device=device) * bits
+def _as_int32_pattern(values: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) as int32 with the same bit pattern (bit 31 set → negative)."""
+    return torch.where(values >= 1 << 31, values - (1 << 32), values).to(torch.int32)
+
+
+def _decode_words(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 [..., E] fields of int32 words [...] (the reference decoder of one word)."""
+    slots = torch.arange(entries_per_word(bits), dtype=torch.int32, device=words.device)
+    if bits == TRIT_PLANE:
+        # mask after the shift: the int32 word's sign does not matter
+        byte = (words.unsqueeze(-1) >> (8 * (slots // TRITS_PER_BYTE))) & 255
+        return torch.div(byte, 3 ** (slots % TRITS_PER_BYTE), rounding_mode="floor") % 3
+    return (words.unsqueeze(-1) >> (bits * slots)) & ((1 << bits) - 1)
 
 
 def pack_counts(counts: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack a dense uint8 [k, d] count matrix into an int32 [k, ceil(d / E)] plane (reference).
 
-    Entry (i, j) goes to bits [bits·(j % E), bits·(j % E + 1)) of word (i, j // E); every
-    count must be < 2^bits. Plain torch, row block by row block.
+    Entry (i, j) is slot j % E of word (i, j // E): bits [bits·s, bits·(s + 1)) of a binary
+    plane, base-3 digit s % 5 of byte s // 5 for the trit plane (`_field_weights`); every
+    count must be ≤ the plane's cap (PLANE_CAPS). Plain torch, row block by row block.
     """
-    _check_bits(bits)
+    check_plane_bits(bits)
     if counts.ndim != 2 or counts.dtype != torch.uint8:
         raise ValueError(
             f"pack_counts needs a 2-D uint8 count matrix, got {counts.dtype} {tuple(counts.shape)}"
         )
     k, d = counts.shape
-    if counts.numel() and int(counts.max()) >= 1 << bits:
-        raise ValueError(f"a count of {int(counts.max())} does not fit in {bits} bits")
+    if counts.numel() and int(counts.max()) > PLANE_CAPS[bits]:
+        raise ValueError(
+            f"a count of {int(counts.max())} does not fit a {plane_label(bits)} plane "
+            f"(at most {PLANE_CAPS[bits]})"
+        )
     per_word, width = entries_per_word(bits), plane_width(d, bits)
-    shifts = _shifts(bits, counts.device)
+    weights = _field_weights(bits, counts.device)
     plane = torch.empty(k, width, dtype=torch.int32, device=counts.device)
     for row0 in range(0, k, _PACK_ROWS):
-        block = counts[row0 : row0 + _PACK_ROWS].to(torch.int32)
+        block = counts[row0 : row0 + _PACK_ROWS].to(torch.int64)
         padded = torch.nn.functional.pad(block, (0, width * per_word - d))
-        fields = padded.reshape(block.shape[0], width, per_word) << shifts
-        # disjoint bit fields: their sum is their OR; the int64 sum fits int32 as a bit pattern
-        plane[row0 : row0 + _PACK_ROWS] = fields.sum(dim=2, dtype=torch.int32)
+        words = (padded.reshape(block.shape[0], width, per_word) * weights).sum(dim=2)
+        plane[row0 : row0 + _PACK_ROWS] = _as_int32_pattern(words)
     return plane
 
 
 def unpack_counts(plane: torch.Tensor, bits: int, d: int) -> torch.Tensor:
     """Decode an int32 [k, ceil(d / E)] plane into uint8 [k, d] counts (reference decoder)."""
-    _check_bits(bits)
+    check_plane_bits(bits)
     width = plane_width(d, bits)
     if plane.ndim != 2 or plane.dtype != torch.int32 or plane.shape[1] != width:
         raise ValueError(
-            f"a {bits}-bit plane of width {d} must be int32 [k, {width}], "
+            f"a {plane_label(bits)} plane of width {d} must be int32 [k, {width}], "
             f"got {plane.dtype} {tuple(plane.shape)}"
         )
     k = plane.shape[0]
-    shifts = _shifts(bits, plane.device)
-    field_mask = (1 << bits) - 1
     counts = torch.empty(k, d, dtype=torch.uint8, device=plane.device)
     for row0 in range(0, k, _PACK_ROWS):
         words = plane[row0 : row0 + _PACK_ROWS]
-        fields = (words.unsqueeze(2) >> shifts) & field_mask
+        fields = _decode_words(words, bits)
         counts[row0 : row0 + _PACK_ROWS] = fields.reshape(words.shape[0], -1)[:, :d].to(torch.uint8)
     return counts
 
@@ -161,7 +185,7 @@ class DeviceMask:
     """One matrix's merged key positions as a packed plane plus a PositionPlan list.
 
     shape: (k, d) of ΔW = B·A; n_total: all merged positions, duplicates counted (the
-    mean's denominator); bits: 0 (no plane, gather only), 1, 2 or 4; plane: int32
+    mean's denominator); bits: 0 (no plane, gather only), 1, 2, 3 (trit) or 4; plane: int32
     [k, ceil(d / E)] or None; extra: the positions whose count exceeds the plane's value,
     with the excess as count, or None when there are none. See the module docstring.
     """
@@ -178,7 +202,7 @@ class DeviceMask:
             if self.plane is not None:
                 raise ValueError("a DeviceMask with bits = 0 has no plane")
         else:
-            _check_bits(self.bits)
+            check_plane_bits(self.bits)
             width = plane_width(d, self.bits)
             plane = self.plane
             if plane is None or plane.dtype != torch.int32 or tuple(plane.shape) != (k, width):
@@ -276,9 +300,9 @@ def representation_nbytes(stats: MaskStats, bits: int) -> int:
 
 
 def choose_bits(stats: MaskStats, kernel: str) -> int:
-    """The plane for a tile-kernel mask: the union bit plane unless its list of multiply
-    chosen positions makes it bigger than the 4-bit plane (ties go to 1 bit); 0 for
-    `kernel="gather"`."""
+    """The smallest plane for a tile-kernel mask (bytes of plane plus list; ties go to the
+    lower code: the union bit plane first); 0 for `kernel="gather"`. Time is weighed
+    against bytes by `RegLoRA.choose_planes` under a budget, not here."""
     if kernel not in ("tile", "gather"):
         raise ValueError(f"choose_bits needs kernel 'tile' or 'gather', got {kernel!r}")
     if kernel == "gather":
@@ -320,7 +344,7 @@ def build_device_mask(
     "auto" (the roofline model's choice for `rank`, `factor_dtype` and `gpu`, a name from
     `sefe_fast.roofline.GPUS`; None: the model's default GPU). `stats`: a previous
     `mask_statistics(key_elements)`, to skip that pass. `bits`: force a representation
-    (0, 1, 2 or 4) instead of choosing one. Each part goes to `device` as soon as it is built,
+    (0, 1, 2, 3 = trit, or 4) instead of choosing one. Each part goes to `device` as soon as it is built,
     so the host holds at most one part at a time. The extra plan's own n_total is set to
     the mask's n_total, so the gather kernels' 1/n on it alone is already the mask's.
     """
@@ -335,7 +359,7 @@ def build_device_mask(
     if bits is None:
         bits = choose_bits(stats, resolve_kernel(stats, kernel, rank, factor_dtype, gpu))
     elif bits != 0:
-        _check_bits(bits)
+        check_plane_bits(bits)
     blocks = key_elements.unique_row_blocks
     plane = None if bits == 0 else build_plane(shape, blocks, bits, device)
     threshold = 0 if bits == 0 else PLANE_CAPS[bits]
@@ -348,22 +372,22 @@ def build_device_mask(
 def build_plane(
     shape: tuple[int, int], blocks: RowBlocks, bits: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """int32 [k, ceil(d / E)]: min(count, 2^bits − 1) of every position, packed, streamed
-    from row blocks of (linear, counts). Positions are distinct, so each bit field is
-    written once and an int32 index_add of the shifted values is their OR (no carries)."""
-    _check_bits(bits)
+    """int32 [k, ceil(d / E)]: min(count, cap) of every position, packed, streamed from row
+    blocks of (linear, counts). Positions are distinct, so each slot is written once and an
+    int32 index_add of the weighted counts (`_field_weights`) is the packed word: slots
+    never carry into each other."""
+    check_plane_bits(bits)
     k, d = int(shape[0]), int(shape[1])
     per_word, width = entries_per_word(bits), plane_width(d, bits)
     cap = PLANE_CAPS[bits]
+    weights = _field_weights(bits, torch.device("cpu"))
     plane = torch.zeros(k * width, dtype=torch.int32)
     for linear, counts in blocks():
         if linear.numel() == 0:
             continue
         rows = torch.div(linear, d, rounding_mode="floor")
         cols = linear - rows * d
-        fields = counts.clamp(max=cap) << (bits * (cols % per_word))
-        # the int64 field as an int32 bit pattern (bit 31 set -> negative)
-        fields = torch.where(fields >= 1 << 31, fields - (1 << 32), fields).to(torch.int32)
+        fields = _as_int32_pattern(counts.clamp(max=cap).to(torch.int64) * weights[cols % per_word])
         plane.index_add_(0, rows * width + torch.div(cols, per_word, rounding_mode="floor"), fields)
     return plane.reshape(k, width).to(device)
 
