@@ -8,8 +8,10 @@ import importlib.metadata
 import importlib.util
 import json
 import math
+from dataclasses import asdict
 
 import pytest
+import torch
 import transformers
 from safetensors.torch import load_file
 
@@ -140,3 +142,15 @@ def test_projector_asset_is_used_only_with_its_fingerprint(tmp_path, monkeypatch
     (tmp_path / smol.PROJECTOR_META).write_text(json.dumps({"fingerprint": right}))
     assert smol.smol_projector_file(right) == tmp_path / smol.PROJECTOR_FILE
     assert smol.smol_projector_file(smol.smol_projector_fingerprint("llm", "tower2")) is None
+
+
+def test_the_shipped_projector_matches_this_llm_tower_and_settings(llm_dir):
+    # Like the tiny stage 0: a change to the LLM package, the tower, SmolStage0Config or
+    # mini-CoIN's stage-0 captions changes the fingerprint, and this fails until the asset
+    # is rebuilt (python -m sefe_fast.train.smol_stage0 --out sefe_fast/assets/smol-projector).
+    _, _, projector = smol.smol_parts()
+    assert projector is not None, "the shipped smol projector does not match; rebuild it"
+    meta = json.loads((smol.PROJECTOR_ASSET_DIR / smol.PROJECTOR_META).read_text())
+    assert meta["config"] == asdict(smol.SmolStage0Config())
+    weights = load_file(str(projector))
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
