@@ -92,6 +92,7 @@ class ContinualMethod:
     nothing. Subclasses override hooks."""
 
     name = "base"
+    summary = "no method: the default hooks (a subclass names itself and says what it does)"
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
