@@ -3,12 +3,15 @@ calibration and again inside the masked training, the rerun ends with the same m
 weights, predictions and accuracies as an uninterrupted run."""
 
 import json
+import subprocess
+import sys
 
 import torch
 from safetensors.torch import load_file
-from smoke_run import run_smoke
+from smoke_run import ARGS, run_smoke, smoke_env
 
 from sefe_fast.methods.fft import WEIGHTS_FILE
+from sefe_fast.methods.lota import dense_mask
 from sefe_fast.reglora import load_key_elements
 
 EXTRA = ("--method", "lota", "--lota-calibration-steps", "2", "--save-every", "1")
@@ -68,3 +71,29 @@ def test_lota_run_killed_in_each_phase_resumes_to_the_same_results(tmp_path):
         for key in weights_a[stage]:
             assert torch.equal(weights_a[stage][key], weights_b[stage][key]), (stage, key)
     assert not list((run / "checkpoints").glob("*.pt"))
+    _assert_rule(masks_a, weights_a)
+
+
+def _assert_rule(masks, weights):
+    """Task 2 changed no target entry outside its mask; its mask avoids task 1's."""
+    first, second = (masks[s] for s in STAGES)
+    for name in second:
+        a, b = (dense_mask(m[name]) for m in (first, second))
+        assert not (a & b).any() and int(b.sum()) == int(0.1 * b.numel()), name
+        w1, w2 = (weights[s][name] for s in STAGES)
+        assert torch.equal(w2[~b], w1[~b]), name
+        assert (w2[b] != w1[b]).float().mean() > 0.9, name
+
+
+def test_lota_under_torchrun(tmp_path):
+    """Two ranks (DDP): the masked gradients are averaged and the rule holds end to end."""
+    run = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "-m", "sefe_fast.train", *ARGS, "--per-device-batch-size", "2", "--output-dir", str(run), *EXTRA,
+    ]  # fmt: skip
+    env = {**smoke_env(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    masks, weights, _ = _outputs(run)
+    _assert_rule(masks, weights)

@@ -114,6 +114,7 @@ class ContinualMethod:
 
     name = "base"
     summary = "no method: the default hooks (a subclass names itself and says what it does)"
+    supports_fsdp = True  # False: `--fsdp` is refused before any work (the CLI checks it)
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config

@@ -102,6 +102,7 @@ class LotteryTicketAdaptation(FullFineTuning):
 
     name = "lota"
     summary = "LoTA: a sparse mask from a calibration fine-tune, only its positions trained"
+    supports_fsdp = False
 
     def __init__(self, config) -> None:
         super().__init__(config)
