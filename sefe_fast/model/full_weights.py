@@ -51,7 +51,11 @@ def save_weights(
     """Write `params` (name → tensor, whole or sharded) to the safetensors file `path`
     atomically, with `metadata`; sharded tensors are gathered (collective: every rank calls
     this), only `write` (rank 0) writes."""
-    tensors = {n: full_tensor(p.detach()).cpu().contiguous() for n, p in params.items()}
+    tensors = {}
+    for name, param in params.items():
+        whole = full_tensor(param.detach())  # every rank gathers; only the writer keeps it
+        if write:
+            tensors[name] = whole.cpu().contiguous()
     if not write:
         return
     info = {**metadata, "format": FORMAT_NAME, "version": FORMAT_VERSION}

@@ -124,17 +124,18 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def gathered_copy(obj: Any) -> Any:
+def gathered_copy(obj: Any, keep: bool = True) -> Any:
     """A deep copy of `obj` (nested dicts, lists, tuples of tensors and plain values) with
-    every DTensor replaced by its full tensor (collective when `obj` holds any)."""
-    if isinstance(obj, DTensor):
-        return obj.full_tensor().detach().clone()
+    every DTensor replaced by its full tensor (collective when `obj` holds any). With `keep`
+    False (a rank that writes nothing) every tensor becomes None once gathered, so only the
+    writing rank ever holds the whole state."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
+        whole = obj.full_tensor() if isinstance(obj, DTensor) else obj
+        return whole.detach().clone() if keep else None
     if isinstance(obj, dict):
-        return {key: gathered_copy(value) for key, value in obj.items()}
+        return {key: gathered_copy(value, keep) for key, value in obj.items()}
     if isinstance(obj, list | tuple):
-        return type(obj)(gathered_copy(value) for value in obj)
+        return type(obj)(gathered_copy(value, keep) for value in obj)
     return copy.deepcopy(obj)
 
 

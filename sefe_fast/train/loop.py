@@ -139,14 +139,17 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def trainable_state(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
     """Copies of the parameters that require grad, by name (whole: a sharded one is gathered,
-    so every rank must call this)."""
-    return {
-        n: full_tensor(p.detach()).cpu().clone()
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
+    so every rank must call this; with `keep` False, on a rank that writes nothing, each
+    is dropped once gathered and the result is empty)."""
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            whole = full_tensor(param.detach())
+            if keep:
+                state[name] = whole.cpu().clone()
+    return state
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -415,9 +418,9 @@ def train_task(
             save_checkpoint(
                 {
                     "step": done,
-                    "trainable": trainable_state(model),
+                    "trainable": trainable_state(model, keep=dist.is_main),
                     # a copy (the live state keeps changing after this call returns), whole
-                    "optimizer": gathered_copy(optimizer.state_dict()),
+                    "optimizer": gathered_copy(optimizer.state_dict(), keep=dist.is_main),
                     "scheduler": scheduler.state_dict(),
                     "rng": gather_objects(capture_rng()),
                 }
