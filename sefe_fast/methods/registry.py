@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from sefe_fast.methods.asd_method import AsdMethod
 from sefe_fast.methods.base import ContinualMethod, MethodConfig
+from sefe_fast.methods.fft import FullFineTuning
+from sefe_fast.methods.lota import LotteryTicketAdaptation
 from sefe_fast.methods.olora import OLoRAMethod
 from sefe_fast.methods.reglora_method import RegLoRAMethod
 from sefe_fast.methods.sefe import SefeMethod
 from sefe_fast.methods.sequential_lora import SequentialLoRA
 
 METHODS: dict[str, type[ContinualMethod]] = {
-    cls.name: cls for cls in (SequentialLoRA, AsdMethod, RegLoRAMethod, SefeMethod, OLoRAMethod)
+    cls.name: cls
+    for cls in (
+        SequentialLoRA,
+        AsdMethod,
+        RegLoRAMethod,
+        SefeMethod,
+        OLoRAMethod,
+        FullFineTuning,
+        LotteryTicketAdaptation,
+    )
 }
 
 
