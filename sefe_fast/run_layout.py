@@ -9,7 +9,9 @@ functions (stage numbers are 1-based, `stage_name` gives the `stage{NN}_{task}` 
     report.md (+ its PNG plots)                   `python -m sefe_fast.report`
     minicoin/                                     mini-CoIN, generated when no --data is given
     asd/<task>/train_x{NN}.json                   ASD-converted training files
-    adapters/stage{NN}_{task}/                    PEFT adapter + projector.safetensors
+    adapters/stage{NN}_{task}/                    what the stage trained, as the method saves
+                                                  it (LoRA methods: PEFT adapter +
+                                                  projector.safetensors)
     checkpoints/stage{NN}_{task}.pt               in-task checkpoint (removed when done)
     key_elements/stage{NN}_{task}.safetensors     RegLoRA's selected positions
     olora/stage{NN}_{task}.safetensors            O-LoRA's kept lora_A matrices
@@ -94,7 +96,8 @@ def asd_path(run_dir: str | Path, task: str, file_name: str) -> Path:
 
 
 def adapter_dir(run_dir: str | Path, stage: int, task: str) -> Path:
-    """`run_dir/adapters/stage{NN}_{task}/`: the stage's adapter (and projector)."""
+    """`run_dir/adapters/stage{NN}_{task}/`: the stage's saved weights (`save_stage` of the
+    method: a LoRA method's adapter and projector)."""
     return Path(run_dir) / ADAPTERS_DIR / stage_name(stage, task)
 
 

@@ -1,6 +1,7 @@
 """The method seam: registry, ASD data swap, RegLoRA key elements and penalty, state round trip."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -147,3 +148,43 @@ def test_sefe_combines_asd_data_and_reglora_penalty(minicoin, tmp_path):
     lora_only = build_method("lora", MethodConfig())
     lora_only.after_task(peft_model, "VQAv2", 1, tmp_path, write=True)
     assert lora_only.state_dict() == {} and lora_only.extra_loss(peft_model, 0) is None
+
+
+def test_default_adapter_hooks_are_the_lora_lifecycle(tmp_path):
+    """attach → groups → save → load → finish: a fresh LoRA at lr, the projector at its lr,
+    saved in PEFT format, reloaded exactly, merged into W + (alpha/r)·B·A."""
+    settings = SimpleNamespace(
+        lora_r=4, lora_alpha=8.0, lora_dropout=0.0, lr=1e-3, projector_lr=2e-4
+    )
+    method = build_method("lora", MethodConfig())
+    model = _model()
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(0)
+    trained = method.attach(model, settings)
+    groups = method.trainable_groups(trained, settings)
+    assert [(g["name"], g["lr"]) for g in groups] == [("lora", 1e-3), ("proj", 2e-4)]
+    assert {id(p) for g in groups for p in g["params"]} == {
+        id(p) for p in trained.parameters() if p.requires_grad
+    }
+    assert len(groups[0]["params"]) == 2 * 7 * SMALL.text_layers
+    _randomise(trained, seed=3)
+    directory = tmp_path / "stage01_T"
+    assert not method.is_stage_saved(directory)
+    method.save_stage(trained, directory, write=False)  # not rank 0: nothing written
+    assert not directory.exists()
+    method.save_stage(trained, directory, write=True)
+    assert method.is_stage_saved(directory)
+    assert (directory / "adapter_model.safetensors").is_file()
+    factors = {
+        n: (b.detach().clone(), a.detach().clone()) for n, (b, a) in lora_factors(trained).items()
+    }
+    merged = dict(method.finish_stage(trained).named_parameters())
+    assert not any(p.requires_grad for p in merged.values())
+    q = next(n for n in factors if n.endswith("layers.0.self_attn.q_proj"))
+    key = q + ".weight"  # the LLM's q_proj (the vision tower has one too, without LoRA)
+    b, a = factors[q]
+    torch.testing.assert_close(merged[key], base[key] + 2.0 * b @ a)
+    # Replayed from disk onto a fresh copy of the base model: the same merged weights.
+    reloaded = method.finish_stage(method.load_stage(_model(), directory))
+    for name, param in reloaded.named_parameters():
+        torch.testing.assert_close(param, merged[name], rtol=0, atol=0, msg=name)

@@ -1,27 +1,69 @@
 """The seam between the continual trainer and a continual-learning method.
 
-The trainer calls, for each task in order:
+A method owns two things: what it trains in a task (the adapter lifecycle) and what it
+adds around the training (data, loss, state). The trainer calls, for each task in order:
 
     train_file = method.prepare_train_file(task, train_json, work_dir)   # rank 0 first
-    method.before_task(model, task, stage)          # model: fresh LoRA attached
+    model = method.attach(model, cfg)               # e.g. a fresh LoRA on the plain model
+    method.before_task(model, task, stage)
+    groups = method.trainable_groups(model, cfg)    # AdamW groups: what trains, at what lr
     ... every optimizer step: loss += method.extra_loss(model, step) (if not None)
-    method.after_task(model, task, stage, run_dir, write=is_main)   # before the merge
+    method.save_stage(model, stage_dir, write=is_main)   # every rank; rank 0 writes
+    method.after_task(model, task, stage, run_dir, write=is_main)
+    model = method.finish_stage(model)              # back to a plain model (e.g. merged)
     state = method.state_dict()                     # saved with the run, for resume
 
-A method changes nothing else, so O-LoRA, SMoLoRA or MoELoRA can be added as one more
-module implementing these hooks.
+A completed stage is replayed on resume as `finish_stage(load_stage(model, stage_dir))`;
+a stage trained but not yet evaluated (`is_stage_saved(stage_dir)`) is loaded instead of
+trained again. `cfg` is the run's settings (`sefe_fast.train.config.RunConfig`, read
+only; `TrainingSettings` names what the default hooks read).
+
+The defaults below are plain sequential LoRA (docs/reference.md §3): a fresh LoRA (r,
+alpha, dropout from cfg) on the LLM's linear layers, trained at `cfg.lr` with the
+projector at `cfg.projector_lr`, saved in PEFT format (adapter_config.json +
+adapter_model.safetensors) with `projector.safetensors` beside it, merged after the task.
+A method that trains something else (full fine-tuning, a sparse mask, a mixture of
+experts that stays unmerged) overrides the adapter hooks; one that only adds a loss or
+swaps the data (RegLoRA, ASD, O-LoRA) overrides the others. Adding a method is one module
+here plus one line in `registry.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from sefe_fast import paper_defaults as paper
 from sefe_fast.memory_budget import DEFAULT_BUDGET_GB
+from sefe_fast.model.lora import (
+    PROJECTOR_FILE,
+    attach_lora,
+    load_adapter,
+    load_projector,
+    lora_parameters,
+    merge_lora,
+    projector_parameters,
+    save_adapter,
+)
+
+
+class TrainingSettings(Protocol):
+    """The run settings the default adapter hooks read (RunConfig has them all)."""
+
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    lr: float
+    projector_lr: float
+
+
+def projector_group(model: torch.nn.Module, cfg: TrainingSettings) -> list[dict[str, Any]]:
+    """The projector's AdamW group at `cfg.projector_lr` ([] when it has nothing to train)."""
+    params = projector_parameters(model)
+    return [{"params": params, "lr": cfg.projector_lr, "name": "proj"}] if params else []
 
 
 @dataclass(frozen=True)
@@ -46,7 +88,8 @@ class MethodConfig:
 
 
 class ContinualMethod:
-    """Plain sequential fine-tuning: every hook does nothing. Subclasses override hooks."""
+    """Plain sequential LoRA: a fresh LoRA per task, merged after it; the other hooks do
+    nothing. Subclasses override hooks."""
 
     name = "base"
 
@@ -57,8 +100,48 @@ class ContinualMethod:
         """The training file to use for `task` (the original one here)."""
         return train_json
 
+    # ------------------------------------------------------------------ adapter lifecycle
+
+    def attach(self, model: torch.nn.Module, cfg: TrainingSettings) -> torch.nn.Module:
+        """The model to train for the next task, from the plain (frozen) model: here a fresh
+        LoRA (A kaiming-random from the torch RNG, B zero) with the projector trainable."""
+        return attach_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+
+    def trainable_groups(
+        self, model: torch.nn.Module, cfg: TrainingSettings
+    ) -> list[dict[str, Any]]:
+        """AdamW parameter groups (`params`, `lr`, `name`) of the attached model: here the
+        LoRA factors at `cfg.lr` and the projector at `cfg.projector_lr`."""
+        lora = [{"params": lora_parameters(model), "lr": cfg.lr, "name": "lora"}]
+        return lora + projector_group(model, cfg)
+
+    def save_stage(self, model: torch.nn.Module, directory: Path, write: bool) -> None:
+        """Save what the task trained into `directory` (atomically; called on every rank,
+        `write` on rank 0): here the PEFT adapter plus `projector.safetensors`."""
+        if write:
+            save_adapter(model, directory)
+
+    def is_stage_saved(self, directory: Path) -> bool:
+        """True when `directory` holds a stage `save_stage` wrote (complete: it is written
+        atomically)."""
+        return (directory / "adapter_config.json").is_file()
+
+    def load_stage(self, model: torch.nn.Module, directory: Path) -> torch.nn.Module:
+        """`model` (plain) with the stage saved in `directory` on it, as `save_stage` left
+        it: here wrapped in the saved LoRA (not trainable), the projector's weights loaded."""
+        peft_model = load_adapter(model, directory)
+        load_projector(peft_model, directory / PROJECTOR_FILE)
+        return peft_model
+
+    def finish_stage(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The plain, frozen model the next task starts from (evaluated after this task):
+        here the LoRA merged into the weights."""
+        return merge_lora(model)
+
+    # ------------------------------------------------------------------ training hooks
+
     def before_task(self, model: torch.nn.Module, task: str, stage: int) -> None:
-        """Called once the task's fresh LoRA is attached, before the first step."""
+        """Called once the task's model is attached (`attach`), before the first step."""
 
     def extra_loss(self, model: torch.nn.Module, step: int) -> torch.Tensor | None:
         """A term added to the loss at optimizer step `step` (None: nothing to add)."""
@@ -67,7 +150,8 @@ class ContinualMethod:
     def after_task(
         self, model: torch.nn.Module, task: str, stage: int, run_dir: Path, write: bool
     ) -> None:
-        """Called after the task's training, before the LoRA is merged. `write`: rank 0."""
+        """Called after the task's training (and `save_stage`), before `finish_stage`.
+        `write`: rank 0."""
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state needed to resume after a completed stage."""

@@ -6,6 +6,6 @@ from sefe_fast.methods.base import ContinualMethod
 
 
 class SequentialLoRA(ContinualMethod):
-    """The baseline: nothing beyond the trainer's fresh-LoRA-then-merge cycle."""
+    """The baseline: the default hooks alone (a fresh LoRA per task, merged after it)."""
 
     name = "lora"

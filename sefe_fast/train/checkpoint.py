@@ -4,10 +4,11 @@ Where each file lives is `sefe_fast.run_layout`'s business; what they hold:
 
 - `run_state.json` (`RunState`): the config fingerprint, the stages trained and completed,
   the accuracy matrix so far and the method's state after the last completed stage;
-- each stage's adapter folder: its LoRA in PEFT format, with the stage's projector in
-  `projector.safetensors` beside the adapter files. The base model plus the adapters
-  replayed in order (load, merge) rebuilds the model after any stage, bit for bit, without
-  storing merged weights;
+- each stage's folder (`adapters/stage{NN}_{task}/`), written by the method's
+  `save_stage`: for the LoRA methods its LoRA in PEFT format, with the stage's projector in
+  `projector.safetensors` beside the adapter files. The base model plus the stages
+  replayed in order (`load_stage`, `finish_stage`: load, merge) rebuilds the model after
+  any stage, bit for bit, without storing merged weights;
 - each stage's in-task checkpoint (`save_train_state`): the state inside a task every
   `--save-every` optimizer steps (trainable weights, optimizer, schedule, every rank's
   RNG), removed when the stage completes.

@@ -1,12 +1,15 @@
-"""The task-after-task driver: train a fresh LoRA, keep key elements, merge, evaluate, record.
+"""The task-after-task driver: attach, train, save, let the method look, finish, evaluate.
 
-For each task (stage s = 1..T): a fresh LoRA is trained on the task's data (as the method
-prepares it, with the method's extra loss); the method sees the trained LoRA
-(`after_task`: RegLoRA selects and keeps its key elements); the LoRA is merged; the model
-is evaluated on every task seen so far (greedy decoding, sharded over ranks, scored on
-rank 0); `results.json` and `run_state.json` are rewritten. Rerunning the same command
-resumes: completed stages are replayed from their saved adapters, an interrupted task
-restarts from its last in-task checkpoint.
+For each task (stage s = 1..T), through the method's hooks (`sefe_fast.methods.base`):
+the method attaches what the task trains (by default a fresh LoRA) and names its
+parameter groups; that is trained on the task's data (as the method prepares it, with the
+method's extra loss) and saved in the stage's folder; the method sees the trained model
+(`after_task`: RegLoRA selects and keeps its key elements) and turns it back into a plain
+model (`finish_stage`: by default the LoRA is merged); the model is evaluated on every
+task seen so far (greedy decoding, sharded over ranks, scored on rank 0); `results.json`
+and `run_state.json` are rewritten. Rerunning the same command resumes: completed stages
+are replayed from their saved folders (`load_stage`, then `finish_stage`), an interrupted
+task restarts from its last in-task checkpoint.
 """
 
 from __future__ import annotations
@@ -38,17 +41,7 @@ from sefe_fast.methods import ContinualMethod, MethodConfig, build_method
 from sefe_fast.metrics import continual_metrics
 from sefe_fast.model.accel import AccelConfig, apply_accel, compute_dtype
 from sefe_fast.model.build import ModelBundle, assemble_llava, load_llava
-from sefe_fast.model.lora import (
-    PROJECTOR_FILE,
-    attach_lora,
-    load_adapter,
-    load_projector,
-    lora_parameters,
-    merge_lora,
-    projector_module,
-    projector_parameters,
-    save_adapter,
-)
+from sefe_fast.model.lora import projector_module, projector_parameters
 from sefe_fast.model.sharding import local_parameter_share, shard_model
 from sefe_fast.model.smol import smol_parts
 from sefe_fast.model.tiny import Stage0Config, TinyConfig
@@ -255,12 +248,12 @@ class ContinualRun:
             ),
         )
 
-    def load_saved_stage(self, model: torch.nn.Module, stage: int, task: str):
-        """The stage's saved LoRA (and projector) on `model`, as a peft model."""
+    def load_saved_stage(self, model: torch.nn.Module, stage: int, task: str) -> torch.nn.Module:
+        """The stage as saved (by default its LoRA and projector) on `model`
+        (`method.load_stage`)."""
         directory = adapter_dir(self.run_dir, stage, task)
         try:
-            peft_model = load_adapter(model, directory)
-            load_projector(peft_model, directory / PROJECTOR_FILE)
+            trained = self.method.load_stage(model, directory)
         except Exception as error:  # safetensors, peft and json raise several types
             fix = (
                 "restore it from a copy, or start over with --restart"
@@ -268,13 +261,14 @@ class ContinualRun:
                 else "delete that folder to train the stage again"
             )
             raise RunStateError(
-                f"{directory}: the saved adapter of stage {stage} ({task}) cannot be read "
+                f"{directory}: the saved weights of stage {stage} ({task}) cannot be read "
                 f"({type(error).__name__}: {error}); {fix}"
             ) from error
-        return peft_model
+        return trained
 
-    def train_stage(self, model: torch.nn.Module, stage: int, task: str):
-        """Train a fresh LoRA on `task` (resuming its in-task checkpoint); save the adapter."""
+    def train_stage(self, model: torch.nn.Module, stage: int, task: str) -> torch.nn.Module:
+        """Attach what the method trains (a fresh LoRA by default), train it on `task`
+        (resuming its in-task checkpoint) and save it in the stage's folder."""
         cfg, dist, bundle = self.cfg, self.dist, self.bundle
         train_file = run_on_main_first(
             dist,
@@ -297,27 +291,21 @@ class ContinualRun:
         if dist.is_main:
             print(f"[sefe_fast] stage {stage} {task}: {stats.summary()}", flush=True)
         seed_everything(_stage_seed(cfg.seed, stage))  # same LoRA init on every rank
-        peft_model = attach_lora(
-            model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout
-        )
+        trained = self.method.attach(model, cfg)
         if not self.sharded:  # sharded, peft puts the factors beside their (device) weights
-            peft_model = peft_model.to(dist.device)
-        for param in projector_parameters(peft_model):
+            trained = trained.to(dist.device)
+        for param in projector_parameters(trained):
             param.data = param.data.float()  # the projector trains in fp32 (autocast computes)
-        self.method.before_task(peft_model, task, stage)
+        self.method.before_task(trained, task, stage)
         seed_everything(_stage_seed(cfg.seed, stage, dist.rank))  # dropout differs per rank
-        groups = [{"params": lora_parameters(peft_model), "lr": cfg.lr, "name": "lora"}]
-        if projector_parameters(peft_model):
-            groups.append(
-                {"params": projector_parameters(peft_model), "lr": cfg.projector_lr, "name": "proj"}
-            )
+        groups = self.method.trainable_groups(trained, cfg)
         ckpt_path = train_state_path(self.run_dir, stage, task)
         resume = load_train_state(ckpt_path, self.fingerprint)
         if resume is not None and dist.is_main:
             print(f"[sefe_fast] resuming {task} from step {resume['step']} ({ckpt_path})")
         pad = bundle.tokenizer.pad_token_id
         result = train_task(
-            peft_model,
+            trained,
             dataset,
             functools.partial(collate_train, pad_token_id=pad),  # picklable for workers
             groups,
@@ -334,13 +322,12 @@ class ContinualRun:
             desc=f"[{stage}/{len(cfg.tasks)}] {task}",
             image_token_id=bundle.image_token_id,
         )
-        check_finite_weights(peft_model, f"stage {stage} {task}")
+        check_finite_weights(trained, f"stage {stage} {task}")
         self.timing.setdefault(task, {})["train_s"] = result.seconds
         self.timing[task]["tokens_per_s"] = result.tokens_per_s
-        if dist.is_main:
-            save_adapter(peft_model, adapter_dir(self.run_dir, stage, task))
+        self.method.save_stage(trained, adapter_dir(self.run_dir, stage, task), dist.is_main)
         barrier()
-        return peft_model
+        return trained
 
     # ------------------------------------------------------------------ evaluation
 
@@ -386,7 +373,7 @@ class ContinualRun:
             "timing": self.timing,
         }
 
-    def finish_stage(self, stage: int, task: str) -> None:
+    def record_stage(self, stage: int, task: str) -> None:
         """Rank 0: record the stage as completed; write results.json and run_state.json."""
         if self.dist.is_main:
             self.state.completed.append(stage)
@@ -402,18 +389,19 @@ class ContinualRun:
         """All stages in order (replaying completed ones); then the summary and report."""
         cfg, dist = self.cfg, self.dist
         model = self.bundle.model
+        method = self.method
         for stage, task in enumerate(cfg.tasks, start=1):
             if stage in self.state.completed:
-                model = merge_lora(self.load_saved_stage(model, stage, task))
+                model = method.finish_stage(self.load_saved_stage(model, stage, task))
                 continue
-            if (adapter_dir(self.run_dir, stage, task) / "adapter_config.json").is_file():
-                peft_model = self.load_saved_stage(model, stage, task)  # trained, not evaluated
+            if method.is_stage_saved(adapter_dir(self.run_dir, stage, task)):
+                trained = self.load_saved_stage(model, stage, task)  # trained, not evaluated
             else:
-                peft_model = self.train_stage(model, stage, task)
-            self.method.after_task(peft_model, task, stage, self.run_dir, write=dist.is_main)
-            model = merge_lora(peft_model)
+                trained = self.train_stage(model, stage, task)
+            method.after_task(trained, task, stage, self.run_dir, write=dist.is_main)
+            model = method.finish_stage(trained)
             self.evaluate_stage(model, stage, task)
-            self.finish_stage(stage, task)
+            self.record_stage(stage, task)
         if not dist.is_main:
             return None
         results = self.results()
