@@ -1,7 +1,8 @@
 """The seam between the continual trainer and a continual-learning method.
 
 A method owns two things: what it trains in a task (the adapter lifecycle) and what it
-adds around the training (data, loss, state). The trainer calls, for each task in order:
+adds around the training (data, loss, state). The trainer calls `method.bind_model(bundle)`
+once, then, for each task in order:
 
     train_file = method.prepare_train_file(task, train_json, work_dir)   # rank 0 first
     model = method.attach(model, cfg)               # e.g. a fresh LoRA on the plain model
@@ -11,6 +12,7 @@ adds around the training (data, loss, state). The trainer calls, for each task i
     method.save_stage(model, stage_dir, write=is_main)   # every rank; rank 0 writes
     method.after_task(model, task, stage, run_dir, write=is_main)
     model = method.finish_stage(model)              # back to a plain model (e.g. merged)
+    method.before_predictions(model, eval_task)     # before each evaluated task's answers
     state = method.state_dict()                     # saved with the run, for resume
 
 A completed stage is replayed on resume as `finish_stage(load_stage(model, stage_dir))`;
@@ -92,9 +94,17 @@ class ContinualMethod:
     nothing. Subclasses override hooks."""
 
     name = "base"
+    # False when a token's output depends on later tokens of its sample (SMoLoRA's
+    # per-sample routing): the trainer then runs every sequence whole, without computing a
+    # prompt prefix shared by the batch once.
+    shares_prompt_prefix = True
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
+
+    def bind_model(self, bundle: Any) -> None:
+        """Called once with the run's `ModelBundle` (model, tokenizer, image processor),
+        before the first stage: a method that reads the tokenizer keeps it here."""
 
     def prepare_train_file(self, task: str, train_json: Path, work_dir: Path) -> Path:
         """The training file to use for `task` (the original one here)."""
@@ -152,6 +162,9 @@ class ContinualMethod:
     ) -> None:
         """Called after the task's training (and `save_stage`), before `finish_stage`.
         `write`: rank 0."""
+
+    def before_predictions(self, model: torch.nn.Module, task: str) -> None:
+        """Called before the model answers `task`'s test questions (after each stage)."""
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state needed to resume after a completed stage."""
