@@ -197,6 +197,12 @@ def test_smolora_targets_mlp_and_projector_and_routes_by_the_call_mask():
     inputs["attention_mask"][0, 20:] = 0
     model(**inputs)
     assert ctx.token_mask is inputs["attention_mask"]  # the pre-hook passed the call's mask
+    labels = torch.full((2, 24), -100)
+    labels[:, 18:] = inputs["input_ids"][:, 18:]
+    model(**inputs, labels=labels)  # training: the prompt routes, not the answer
+    expected = inputs["attention_mask"].clone()
+    expected[:, 18:] = 0
+    assert torch.equal(ctx.token_mask, expected)
 
 
 def test_save_load_roundtrip_restores_outputs(tmp_path):
@@ -208,7 +214,7 @@ def test_save_load_roundtrip_restores_outputs(tmp_path):
         for p in mixture_parameters(model):
             p.normal_(0, 0.3)
     expected = model(**_inputs()).logits
-    save_mixture(model, spec, tmp_path / "m")
+    save_mixture(model, tmp_path / "m")
     assert read_mixture_spec(tmp_path / "m") == spec
     other = _tiny()
     torch.manual_seed(5)
@@ -222,7 +228,7 @@ def test_save_load_roundtrip_restores_outputs(tmp_path):
 def test_load_names_the_file_when_the_mixture_differs(tmp_path):
     model = _tiny()
     attach_mixture(model, MixtureSpec(experts=2, rank=4, alpha=8, dropout=0.0))
-    save_mixture(model, MixtureSpec(experts=2, rank=4, alpha=8, dropout=0.0), tmp_path / "m")
+    save_mixture(model, tmp_path / "m")
     other = _tiny()
     attach_mixture(other, MixtureSpec(experts=2, rank=8, alpha=8, dropout=0.0))
     with pytest.raises(ValueError, match=r"mixture\.safetensors.*shape"):

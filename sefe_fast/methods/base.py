@@ -76,7 +76,8 @@ class MethodConfig:
     elements per matrix (0.02 = 2 %); asd_ratio: fraction X of training samples rewritten
     into the other answer styles (0.2 = 20 %); reg_backend: the penalty implementation;
     reg_gpu_budget_gb: GB the GPU backends' device masks may keep (RegLoRA gpu_budget_gb);
-    seed: seeds the ASD conversion.
+    seed: seeds the ASD conversion; mixture_experts: LoRA experts per layer of moelora and
+    smolora (None: their published 8).
     """
 
     reg_lambda: float = paper.REG_LAMBDA
@@ -87,6 +88,7 @@ class MethodConfig:
     seed: int = 0
     olora_lambda1: float = paper.OLORA_LAMBDA1
     olora_lambda2: float = paper.OLORA_LAMBDA2
+    mixture_experts: int | None = None
 
 
 class ContinualMethod:

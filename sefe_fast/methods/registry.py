@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from sefe_fast.methods.asd_method import AsdMethod
 from sefe_fast.methods.base import ContinualMethod, MethodConfig
+from sefe_fast.methods.moelora import MoELoRAMethod
 from sefe_fast.methods.olora import OLoRAMethod
 from sefe_fast.methods.reglora_method import RegLoRAMethod
 from sefe_fast.methods.sefe import SefeMethod
 from sefe_fast.methods.sequential_lora import SequentialLoRA
+from sefe_fast.methods.smolora import SMoLoRAMethod
 
 METHODS: dict[str, type[ContinualMethod]] = {
-    cls.name: cls for cls in (SequentialLoRA, AsdMethod, RegLoRAMethod, SefeMethod, OLoRAMethod)
+    cls.name: cls
+    for cls in (
+        SequentialLoRA,
+        AsdMethod,
+        RegLoRAMethod,
+        SefeMethod,
+        OLoRAMethod,
+        MoELoRAMethod,
+        SMoLoRAMethod,
+    )
 }
 
 

@@ -22,6 +22,7 @@ from sefe_fast.io_utils import atomic_directory
 from sefe_fast.model.lora import LORA_TARGETS, PROJECTOR_PREFIX
 from sefe_fast.model.mixture_lora import MixtureLoRALinear, RoutingContext
 
+IGNORE_INDEX = -100  # the label of a prompt token (transformers' loss ignores it)
 MIXTURE_FILE = "mixture.safetensors"
 MIXTURE_CONFIG_FILE = "mixture_config.json"
 
@@ -98,12 +99,27 @@ def attach_mixture(model: nn.Module, spec: MixtureSpec) -> RoutingContext:
     model._mixture_hook = model.register_forward_pre_hook(  # type: ignore[attr-defined]
         _remember_mask(context), with_kwargs=True
     )
+    model._mixture_spec = spec  # type: ignore[attr-defined]
     return context
 
 
+def mixture_spec(model: nn.Module) -> MixtureSpec:
+    """The `MixtureSpec` the model's mixtures were attached with (ValueError if none)."""
+    spec = getattr(model, "_mixture_spec", None)
+    if spec is None:
+        raise ValueError("the model carries no mixture layers")
+    return spec
+
+
 def _remember_mask(context: RoutingContext):
+    """A forward pre-hook: the call's prompt tokens go to `context.token_mask`: the
+    attention mask, less the answer tokens when the call has labels (a training forward)."""
+
     def hook(module, args, kwargs):
-        context.token_mask = kwargs.get("attention_mask")
+        mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
+        if mask is not None and labels is not None and labels.shape == mask.shape:
+            mask = mask * (labels == IGNORE_INDEX).to(mask.dtype)
+        context.token_mask = mask
         return None
 
     return hook
@@ -118,7 +134,7 @@ def detach_mixture(model: nn.Module) -> nn.Module:
     hook = getattr(model, "_mixture_hook", None)
     if hook is not None:
         hook.remove()
-        del model._mixture_hook
+        del model._mixture_hook, model._mixture_spec
     return model
 
 
@@ -178,12 +194,19 @@ def load_mixture_state(model: nn.Module, state: dict[str, torch.Tensor], source:
             param.copy_(state[key])
 
 
-def save_mixture(model: nn.Module, spec: MixtureSpec, out_dir: str | Path) -> Path:
+def write_mixture(model: nn.Module, directory: Path) -> None:
+    """Write `mixture.safetensors` + `mixture_config.json` into the existing `directory`
+    (not atomic: give it the temporary directory of `atomic_directory`)."""
+    save_file(mixture_state_dict(model), str(directory / MIXTURE_FILE))
+    spec_json = json.dumps(mixture_spec(model).to_json(), indent=1) + "\n"
+    (directory / MIXTURE_CONFIG_FILE).write_text(spec_json)
+
+
+def save_mixture(model: nn.Module, out_dir: str | Path) -> Path:
     """Write `out_dir/mixture.safetensors` + `mixture_config.json` (one atomic directory)."""
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
-        save_file(mixture_state_dict(model), str(tmp / MIXTURE_FILE))
-        (tmp / MIXTURE_CONFIG_FILE).write_text(json.dumps(spec.to_json(), indent=1) + "\n")
+        write_mixture(model, tmp)
     return out_dir
 
 
