@@ -63,6 +63,7 @@ class MoELoRAMethod(ContinualMethod):
     """Mixture of LoRA experts, dense softmax router per token, kept across tasks."""
 
     name = "moelora"
+    summary = "CoIN's MoELoRA: 8 LoRA experts, per-token softmax router, kept across tasks"
     routing = "dense"
     targets: tuple[str, ...] = LORA_TARGETS
     on_projector = False  # True: experts on the projector's Linears, its weights frozen

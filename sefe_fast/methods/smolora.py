@@ -79,6 +79,7 @@ class SMoLoRAMethod(MoELoRAMethod):
     """Separable mixture: per-sample visual-understanding experts + instruction experts."""
 
     name = "smolora"
+    summary = "SMoLoRA: top-1 experts by input and by instruction, mixed per token, kept"
     routing = "separable"
     targets = ("gate_proj", "up_proj", "down_proj")
     on_projector = True

@@ -21,10 +21,13 @@ Departures (docs/reference.md has the paper's rules; these are the code's):
 
 - One dropout mask is drawn per input and shared by the experts (the published codes call
   the dropout once per expert).
-- `separable`'s sequence mean skips padding when a `RoutingContext` holds the batch's
-  attention mask, and a forward that continues a KV cache (its mask longer than its input)
-  reuses the per-sample choice of the full forward before it. The published code averages
-  whatever the layer sees: padding included, and during cached decoding the one new token.
+- `separable`'s sequence mean covers the prompt's real tokens when a `RoutingContext`
+  holds the call's token mask (`mixture_attach` sets it: the attention mask, less the
+  answer tokens of a training batch), and a forward that continues a KV cache (its mask
+  longer than its input) reuses the per-sample choice of the full forward before it. The
+  published code averages whatever the layer sees: padding and, in training, the answer
+  included; during cached decoding only the one new token. Here a sample is routed alike
+  in training and in evaluation.
 
 The fast path is two matmuls over the concatenated experts (the routing weight of expert e
 scales its r/E columns of A x before B); `reference_mixture_delta` is the plain per-token,
