@@ -4,6 +4,7 @@ plain per-token, per-expert reference; the routers; attaching, saving and loadin
 import pytest
 import torch
 
+from sefe_fast.model.kv_cache import cache_kwargs, output_cache
 from sefe_fast.model.mixture_attach import (
     MixtureSpec,
     attach_mixture,
@@ -107,6 +108,7 @@ def test_separable_mean_skips_padding_and_decoding_reuses_the_choice():
     # a cached decoding step (mask one longer than the full forward, one new token)
     step = torch.randn(4, 1, 6, dtype=torch.float64)
     layer.context.token_mask = torch.cat([mask, torch.ones(4, 1, dtype=torch.long)], 1)
+    layer.context.continuing = True
     layer(step)
     assert torch.equal(layer.context.choices[id(layer)], choice)
     vu = layer.expert_weights(step)[:, 0, :2]
@@ -236,3 +238,71 @@ def test_load_names_the_file_when_the_mixture_differs(tmp_path):
     (tmp_path / "m" / "mixture_config.json").write_text("{")
     with pytest.raises(ValueError, match=r"mixture_config\.json"):
         read_mixture_spec(tmp_path / "m")
+
+
+def test_separable_decoding_with_a_cache_routes_as_the_training_forward():
+    """A cached decoding step reuses the prompt's routing; a training forward over the
+    prompt plus the answer (labelled) routes by the prompt too: the same logits."""
+    model = _tiny()
+    spec = MixtureSpec(
+        experts=4,
+        rank=8,
+        alpha=16,
+        dropout=0.0,
+        routing="separable",
+        targets=("gate_proj", "up_proj", "down_proj"),
+        projector=True,
+        instruction_dim=64,
+    )
+    ctx = attach_mixture(model, spec)
+    torch.manual_seed(11)
+    ctx.instruction = torch.randn(64)
+    with torch.no_grad():
+        for p in mixture_parameters(model):
+            p.normal_(0, 0.5)
+    inputs = _inputs()
+    with torch.no_grad():
+        prefill = model(**inputs, use_cache=True)
+        token = prefill.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(token)], 1)
+        step = model(
+            input_ids=token,
+            attention_mask=mask,
+            **cache_kwargs(output_cache(prefill)),
+            use_cache=True,
+        )
+        assert ctx.continuing
+        ids = torch.cat([inputs["input_ids"], token], 1)
+        labels = torch.full_like(ids, -100)
+        labels[:, -1:] = token
+        full = model(
+            input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=mask, labels=labels
+        )
+        assert not ctx.continuing
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_one_expert_is_plain_lora_scaled_by_alpha_over_the_total_rank():
+    torch.manual_seed(2)
+    layer = MixtureLoRALinear(torch.nn.Linear(6, 5), experts=4, rank=8, alpha=16)
+    # the published initialisation: A ~ N(0, 0.01²), B = 0; the scale uses the total rank
+    assert layer.lora_A.std().item() == pytest.approx(0.01, rel=0.3)
+    assert not layer.lora_B.any() and layer.scaling == 16 / 8 and layer.expert_rank == 2
+    single = MixtureLoRALinear(torch.nn.Linear(6, 5), experts=1, rank=4, alpha=12)
+    with torch.no_grad():
+        single.lora_B.normal_()
+    x = torch.randn(2, 3, 6)
+    lora = (12 / 4) * x @ single.lora_A.T @ single.lora_B.T
+    torch.testing.assert_close(single(x), single.base_layer(x) + lora)
+
+
+def test_bf16_base_with_fp32_experts_keeps_the_base_dtype():
+    torch.manual_seed(2)
+    layer = MixtureLoRALinear(torch.nn.Linear(6, 5).bfloat16(), experts=2, rank=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 3, 6, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    expected = layer.base_layer(x).float() + reference_mixture_delta(layer, x.float())
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)

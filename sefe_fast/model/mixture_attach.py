@@ -112,11 +112,19 @@ def mixture_spec(model: nn.Module) -> MixtureSpec:
 
 
 def _remember_mask(context: RoutingContext):
-    """A forward pre-hook: the call's prompt tokens go to `context.token_mask`: the
-    attention mask, less the answer tokens when the call has labels (a training forward)."""
+    """A forward pre-hook: the call's prompt tokens go to `context.token_mask` (the
+    attention mask, less the answer tokens when the call has labels: a training forward);
+    `context.continuing` says whether the call's tokens continue a KV cache (fewer input
+    tokens than mask positions: a decoding step)."""
 
     def hook(module, args, kwargs):
         mask, labels = kwargs.get("attention_mask"), kwargs.get("labels")
+        inputs = kwargs.get("input_ids")
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        context.continuing = bool(
+            mask is not None and inputs is not None and inputs.shape[1] < mask.shape[1]
+        )
         if mask is not None and labels is not None and labels.shape == mask.shape:
             mask = mask * (labels == IGNORE_INDEX).to(mask.dtype)
         context.token_mask = mask

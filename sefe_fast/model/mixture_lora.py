@@ -23,8 +23,8 @@ Departures (docs/reference.md has the paper's rules; these are the code's):
   the dropout once per expert).
 - `separable`'s sequence mean covers the prompt's real tokens when a `RoutingContext`
   holds the call's token mask (`mixture_attach` sets it: the attention mask, less the
-  answer tokens of a training batch), and a forward that continues a KV cache (its mask
-  longer than its input) reuses the per-sample choice of the full forward before it. The
+  answer tokens of a training batch), and a forward that continues a KV cache reuses the
+  per-sample choice of the full forward before it. The
   published code averages whatever the layer sees: padding and, in training, the answer
   included; during cached decoding only the one new token. Here a sample is routed alike
   in training and in evaluation.
@@ -51,11 +51,13 @@ A_INIT_STD = 0.01  # both published codes initialise every A_e ~ N(0, 0.01²)
 class RoutingContext:
     """What a `separable` layer reads besides its input, shared by all layers of a model.
 
-    token_mask: [B, T] (1 = real token) of the model call in progress, or None;
+    token_mask: [B, T] (1 = a prompt token) of the model call in progress, or None;
+    continuing: the call continues a KV cache (its inputs are the last tokens of the mask);
     instruction: [d_ins] embedding of the current task's instruction (None: not set).
     """
 
     token_mask: torch.Tensor | None = None
+    continuing: bool = False
     instruction: torch.Tensor | None = None
     # per layer: the [B] visual-understanding choice of its last full forward
     choices: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -148,12 +150,11 @@ class MixtureLoRALinear(nn.Module):
         if x.dim() != 3:
             raise ValueError(f"separable routing needs [batch, tokens, features] (got {x.shape})")
         ctx, key = self.context, id(self)
-        mask, cached = ctx.token_mask, ctx.choices.get(key)
-        continuing = mask is not None and mask.shape[1] > x.shape[1]
-        if continuing and cached is not None and cached.shape[0] == x.shape[0]:
+        cached = ctx.choices.get(key)
+        if ctx.continuing and cached is not None and cached.shape[0] == x.shape[0]:
             choice = cached
         else:
-            logits = self.lora_vu_gate(sequence_mean(x, mask))
+            logits = self.lora_vu_gate(sequence_mean(x, ctx.token_mask))
             choice = router_weights(logits, top_k=1).argmax(dim=-1)
             ctx.choices[key] = choice.detach()
         return F.one_hot(choice, self.experts // 2).to(x.dtype)
