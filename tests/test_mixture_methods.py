@@ -2,12 +2,14 @@
 routing, and real smoke runs that are killed and resumed."""
 
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from smoke_run import run_smoke, warm_stage0
+from smoke_run import ARGS, run_smoke, smoke_env, warm_stage0
 
 from sefe_fast.data.char_tokenizer import build_char_tokenizer
 from sefe_fast.methods import MethodConfig, build_method
@@ -224,3 +226,26 @@ def test_smoke_run_killed_then_resumed_equals_uninterrupted(tmp_path, cache, met
     first, second = a["stage01_ScienceQA"], a["stage02_TextVQA"]
     key = next(k for k in first if k.endswith("lora_B"))
     assert first[key].abs().max() > 0 and not torch.equal(first[key], second[key])
+
+
+@pytest.mark.parametrize("method", ["moelora", "smolora"])
+def test_smoke_run_under_torchrun_with_two_processes(tmp_path, cache, method):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "-m", "sefe_fast.train", *ARGS, "--per-device-batch-size", "2",
+        "--method", method, "--mixture-experts", "4", "--output-dir", str(out),
+    ]  # fmt: skip
+    env = {**smoke_env(cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["world_size"] == 2 and results["method"] == method
+    assert results["accuracy"][1][0] is not None and results["accuracy"][1][1] is not None
+    n_test = len(json.loads((out / "minicoin" / "TextVQA" / "test.json").read_text()))
+    rows = (out / "predictions" / "stage02_TextVQA" / "TextVQA.jsonl").read_text().splitlines()
+    assert len(rows) == n_test  # gathered from both ranks
+    mixtures = _mixtures(out)
+    assert all(
+        t.abs().max() > 0 for m in mixtures.values() for k, t in m.items() if k.endswith("lora_B")
+    )
