@@ -130,6 +130,9 @@ def test_router_weights_softmax_top_k_and_determinism():
     assert torch.equal(top1, torch.nn.functional.one_hot(logits.argmax(-1), 8).float())
     tie = torch.tensor([[1.0, 3.0, 3.0, 0.0]])
     assert torch.equal(router_weights(tie, 1), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    flat = torch.zeros(3, 40)  # all equal: the lowest indices, whatever the sort's internals
+    assert torch.equal(router_weights(flat, 1).argmax(-1), torch.zeros(3, dtype=torch.long))
+    assert ((router_weights(flat, 3) > 0).nonzero()[:, 1] == torch.arange(3).repeat(3)).all()
     assert torch.equal(router_weights(logits, 2), top2)  # the same call, the same weights
     with pytest.raises(ValueError, match="top_k"):
         router_weights(logits, 0)

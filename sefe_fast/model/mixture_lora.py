@@ -71,7 +71,8 @@ def router_weights(logits: torch.Tensor, top_k: int | None = None) -> torch.Tens
         return torch.softmax(logits, dim=-1)
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1 (got {top_k})")
-    kept = torch.topk(logits, top_k, dim=-1, sorted=False).indices
+    # a stable sort, so that of equal logits the lower index is kept on every device
+    kept = torch.sort(logits, dim=-1, descending=True, stable=True).indices[..., :top_k]
     masked = torch.full_like(logits, -math.inf).scatter(-1, kept, logits.gather(-1, kept))
     return torch.softmax(masked, dim=-1)
 
