@@ -69,6 +69,15 @@ class MoELoRAMethod(ContinualMethod):
     on_projector = False  # True: experts on the projector's Linears, its weights frozen
     # the routers' parameter names that never train (SMoLoRA's top-1 gates)
     frozen_router_parts: tuple[str, ...] = ()
+    # the official scripts' settings (LLaVA-1.5-7B), for results.json beside the run's own
+    published: dict[str, Any] = {
+        "experts": 8,
+        "lora_r": 128,
+        "lora_alpha": 256,
+        "lr": 2e-4,
+        "projector_lr": 2e-5,
+        "source": "zackschen/CoIN scripts/LLaVA/Train_MOE/*.sh",
+    }
 
     @property
     def experts(self) -> int:
@@ -168,4 +177,5 @@ class MoELoRAMethod(ContinualMethod):
             "routing": self.routing,
             "targets": list(self.targets),
             "experts_on_projector": self.on_projector,
+            "published_settings": self.published,
         }

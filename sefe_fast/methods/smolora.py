@@ -85,6 +85,15 @@ class SMoLoRAMethod(MoELoRAMethod):
     on_projector = True
     frozen_router_parts = ("lora_vu_gate", "lora_ins_gate")
     shares_prompt_prefix = False
+    published: dict[str, Any] = {
+        "experts": 8,
+        "lora_r": 128,
+        "lora_alpha": 256,
+        "lr": 1e-4,
+        "projector_lr": 2e-5,
+        "weight_decay": 0.01,
+        "source": "Minato-Zackie/SMoLoRA scripts/SMoLoRA/Train_Eval/*.sh",
+    }
 
     def __init__(self, config) -> None:
         super().__init__(config)
