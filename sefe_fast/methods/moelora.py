@@ -29,7 +29,7 @@ them. Not with --fsdp (the mixture layers are not sharded).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -70,7 +70,7 @@ class MoELoRAMethod(ContinualMethod):
     # the routers' parameter names that never train (SMoLoRA's top-1 gates)
     frozen_router_parts: tuple[str, ...] = ()
     # the official scripts' settings (LLaVA-1.5-7B), for results.json beside the run's own
-    published: dict[str, Any] = {
+    published: ClassVar[dict[str, Any]] = {
         "experts": 8,
         "lora_r": 128,
         "lora_alpha": 256,

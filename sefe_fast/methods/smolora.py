@@ -48,7 +48,7 @@ weights stay as the base model has them, so a stage folder holds no projector fi
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -85,7 +85,7 @@ class SMoLoRAMethod(MoELoRAMethod):
     on_projector = True
     frozen_router_parts = ("lora_vu_gate", "lora_ins_gate")
     shares_prompt_prefix = False
-    published: dict[str, Any] = {
+    published: ClassVar[dict[str, Any]] = {
         "experts": 8,
         "lora_r": 128,
         "lora_alpha": 256,
