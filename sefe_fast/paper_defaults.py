@@ -27,4 +27,7 @@ WARMUP_RATIO = 0.03
 MAX_GRAD_NORM = 1.0
 EPOCHS = 1.0
 GLOBAL_BATCH_SIZE = 128
+# Full fine-tuning (the FFT row of the paper's table): the paper and CoIN's scripts give no
+# lr; LLaVA-1.5's own full fine-tuning (scripts/v1_5/finetune.sh) uses 2e-5, 1/10 of LoRA's.
+FFT_LR = 2e-5
 MAX_LENGTH = 2048

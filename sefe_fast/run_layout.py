@@ -11,7 +11,8 @@ functions (stage numbers are 1-based, `stage_name` gives the `stage{NN}_{task}` 
     asd/<task>/train_x{NN}.json                   ASD-converted training files
     adapters/stage{NN}_{task}/                    what the stage trained, as the method saves
                                                   it (LoRA methods: PEFT adapter +
-                                                  projector.safetensors)
+                                                  projector.safetensors; fft:
+                                                  weights.safetensors)
     checkpoints/stage{NN}_{task}.pt               in-task checkpoint (removed when done)
     key_elements/stage{NN}_{task}.safetensors     RegLoRA's selected positions
     olora/stage{NN}_{task}.safetensors            O-LoRA's kept lora_A matrices

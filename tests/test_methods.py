@@ -17,7 +17,9 @@ SMALL = TinyConfig(text_layers=2, text_hidden=64, text_heads=2, text_intermediat
 
 
 def test_registry_names_the_methods():
-    assert set(METHODS) == {"lora", "asd", "reglora", "sefe", "olora", "moelora", "smolora"}
+    assert set(METHODS) == {
+        "lora", "asd", "reglora", "sefe", "olora", "fft", "moelora", "smolora",
+    }  # fmt: skip
     for name in METHODS:
         assert build_method(name, MethodConfig()).name == name
     with pytest.raises(ValueError, match="unknown method 'nonesuch'"):

@@ -3,7 +3,7 @@
 import pytest
 
 from sefe_fast import paper_defaults
-from sefe_fast.methods import MethodConfig
+from sefe_fast.methods import METHODS, ContinualMethod, MethodConfig
 from sefe_fast.model.tiny import Stage0Config
 from sefe_fast.tasks import COIN_TASKS
 from sefe_fast.train import cli
@@ -153,3 +153,11 @@ def test_the_papers_defaults_are_runconfigs_defaults():
     # every flag has help text, and a range where it is a number
     help_text = cli.build_parser().format_help()
     assert "--reg-lambda" in help_text and "--no-liger" in help_text and ">= 0" in help_text
+
+
+def test_help_lists_every_method_with_its_one_line_summary():
+    lines = cli.build_parser().format_help().split("methods (--method):\n", 1)[1].splitlines()
+    assert [line.split()[0] for line in lines] == sorted(METHODS)
+    for line in lines:
+        name = line.split()[0]
+        assert line.split(None, 1)[1] == METHODS[name].summary != ContinualMethod.summary

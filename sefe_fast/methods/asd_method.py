@@ -52,3 +52,4 @@ class AsdMethod(AsdMixin):
     """ASD data, no regularisation."""
 
     name = "asd"
+    summary = "LoRA on ASD data: X% of each task rewritten into the other answer styles"

@@ -96,6 +96,7 @@ class ContinualMethod:
     nothing. Subclasses override hooks."""
 
     name = "base"
+    summary = "no method: the default hooks (a subclass names itself and says what it does)"
     # False when a token's output depends on later tokens of its sample (SMoLoRA's
     # per-sample routing): the trainer then runs every sequence whole, without computing a
     # prompt prefix shared by the batch once.

@@ -157,6 +157,7 @@ class OLoRAMethod(ContinualMethod):
     """Original data; O-LoRA orthogonality penalty against the earlier tasks' lora_A."""
 
     name = "olora"
+    summary = "O-LoRA: each new LoRA's lora_A kept orthogonal to earlier tasks' (λ1)"
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__(config)

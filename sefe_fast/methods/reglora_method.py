@@ -107,3 +107,4 @@ class RegLoRAMethod(RegLoRAMixin):
     """Original data, RegLoRA penalty."""
 
     name = "reglora"
+    summary = "LoRA penalised at the top-M% |B·A| positions of earlier tasks (RegLoRA)"

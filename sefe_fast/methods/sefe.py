@@ -10,3 +10,4 @@ class SefeMethod(AsdMixin, RegLoRAMixin):
     """ASD training data and the RegLoRA penalty (the paper's method, the default)."""
 
     name = "sefe"
+    summary = "SEFE = ASD data + RegLoRA penalty (the paper's method, the default)"

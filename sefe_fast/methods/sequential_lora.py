@@ -9,3 +9,4 @@ class SequentialLoRA(ContinualMethod):
     """The baseline: the default hooks alone (a fresh LoRA per task, merged after it)."""
 
     name = "lora"
+    summary = "plain sequential LoRA: a fresh LoRA per task, merged after it"

@@ -14,6 +14,7 @@ from typing import Any
 
 from sefe_fast.data.coin import CoinDataError
 from sefe_fast.io_utils import DiskFullError
+from sefe_fast.methods import METHODS
 from sefe_fast.run_lock import RunDirLockedError
 from sefe_fast.train.checkpoint import RunMismatchError, RunStateError
 from sefe_fast.train.config import (
@@ -39,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sefe_fast.train",
         description="Continual instruction tuning of a LLaVA model on CoIN (SEFE: ASD + RegLoRA).",
+        epilog=methods_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the epilog's lines stay lines
     )
     table = settings()
     p.add_argument(
@@ -81,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
             options["type"] = parse
         group.add_argument(flag(name), **options)
     return p
+
+
+def methods_epilog() -> str:
+    """'methods (--method):' and one line per registered method: its name and summary."""
+    width = max(len(name) for name in METHODS)
+    lines = [f"  {name:<{width}}  {METHODS[name].summary}" for name in sorted(METHODS)]
+    return "methods (--method):\n" + "\n".join(lines)
 
 
 def _preset_values(name: str) -> dict[str, Any]:

@@ -169,6 +169,16 @@ class RunConfig:
         paper.LORA_DROPOUT, "LoRA dropout probability", "training", low=0, high=1, high_open=True
     )
     lr: float = setting(paper.LR, "LoRA learning rate", "training", **POSITIVE)
+    fft_lr: float | None = setting(
+        None,
+        "learning rate of the LLM weights for the methods that train them directly (fft, "
+        "lota); None: --lr / 10, the ratio of LLaVA-1.5's full fine-tuning (2e-5) to LoRA's "
+        "lr (2e-4)",
+        "training",
+        optional=True,
+        fingerprinted_when_set=True,
+        **POSITIVE,
+    )
     projector_lr: float = setting(
         paper.PROJECTOR_LR, "projector learning rate (0 = frozen)", "training", **NON_NEGATIVE
     )
@@ -308,7 +318,8 @@ class RunConfig:
     fsdp: bool = setting(
         False,
         "shard the frozen model over the ranks (FSDP2) for models that do not fit one device; "
-        "the LoRA and projector stay whole on every rank",
+        "the LoRA and projector stay whole on every rank (with fft the trained LLM weights and "
+        "their AdamW state are sharded)",
         "speed",
     )
     skip_bad: bool = setting(False, "skip bad records", "data")

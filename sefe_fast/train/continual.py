@@ -328,6 +328,10 @@ class ContinualRun:
         check_finite_weights(trained, f"stage {stage} {task}")
         self.timing.setdefault(task, {})["train_s"] = result.seconds
         self.timing[task]["tokens_per_s"] = result.tokens_per_s
+        if self.sharded:  # 1.0 for a LoRA (replicated), about 1/N for sharded weights (fft)
+            self.accel_info["fsdp_rank0_optimizer_state_share"] = round(
+                result.optimizer_state_share, 4
+            )
         self.method.save_stage(trained, adapter_dir(self.run_dir, stage, task), dist.is_main)
         barrier()
         return trained

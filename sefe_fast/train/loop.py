@@ -29,7 +29,6 @@ so it is off with gradient checkpointing (CUDA), where the prefix is a small sha
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import time
@@ -38,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_cosine_schedule_with_warmup
@@ -46,7 +46,15 @@ from sefe_fast import paper_defaults as paper
 from sefe_fast.generate import vision_anchor
 from sefe_fast.model.accel import AccelConfig, autocast
 from sefe_fast.model.kv_cache import cache_kwargs, output_cache
-from sefe_fast.model.sharding import is_sharded
+from sefe_fast.model.sharding import (
+    clip_sharded_grad_norm,
+    copy_full_into,
+    full_tensor,
+    gathered_copy,
+    is_sharded,
+    local_state_share,
+    shard_optimizer_state,
+)
 from sefe_fast.train.checkpoint import capture_rng, restore_rng
 from sefe_fast.train.distributed import (
     DistContext,
@@ -107,7 +115,8 @@ class LoopConfig:
 
 @dataclass
 class LoopResult:
-    """Optimizer steps run (total, of which `resumed_from` were done before), last loss, speed."""
+    """Optimizer steps run (total, of which `resumed_from` were done before), last loss, speed,
+    and the share of the optimizer state's elements this rank held (1.0 unless sharded)."""
 
     steps: int
     resumed_from: int
@@ -115,6 +124,7 @@ class LoopResult:
     last_penalty: float
     tokens_per_s: float
     seconds: float
+    optimizer_state_share: float = 1.0
 
 
 def total_steps(cfg: LoopConfig, steps_per_epoch: int) -> int:
@@ -130,19 +140,24 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the parameters that require grad, by name."""
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Copies of the parameters that require grad, by name (whole: a sharded one is gathered,
+    so every rank must call this)."""
+    return {
+        n: full_tensor(p.detach()).cpu().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def load_trainable_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved trainable parameters back into `model` (names must match exactly)."""
+    """Copy saved trainable parameters back into `model` (names must match exactly; a
+    sharded parameter takes its rows of the saved whole tensor)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(params) != set(state):
         diff = sorted(set(params) ^ set(state))[:4]
         raise ValueError(f"checkpoint does not match the model's trainable parameters: {diff}")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(state[name])
+    for name, param in params.items():
+        copy_full_into(param, state[name])
 
 
 # Below this many shared tokens the prefix pass costs more than it saves.
@@ -253,6 +268,7 @@ def train_task(
     if resume is not None:
         load_trainable_state(model, resume["trainable"])
         optimizer.load_state_dict(resume["optimizer"])
+        shard_optimizer_state(optimizer)  # saved whole; sharded parameters keep theirs sharded
         scheduler.load_state_dict(resume["scheduler"])
         if len(resume["rng"]) != dist.world_size:
             raise ValueError(
@@ -266,9 +282,12 @@ def train_task(
         # it was killed before its first checkpoint) are replaced by this attempt's.
         log.truncate_after(phase, start)
     train_model = model
-    # A sharded model (FSDP) keeps its trainable parameters whole on every rank and averages
-    # their gradients itself after the step's micro-batches; otherwise DDP does it.
+    # A sharded model (FSDP) keeps its LoRA and projector whole on every rank and averages
+    # their gradients itself after the step's micro-batches (otherwise DDP does it); trained
+    # weights that are sharded themselves (fft) get theirs reduce-scattered by FSDP.
     sharded = is_sharded(model)
+    sharded_trainables = any(isinstance(p, DTensor) for p in params)
+    whole_params = [p for p in params if not isinstance(p, DTensor)]
     use_ddp = dist.distributed and not sharded
     if use_ddp:
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -329,7 +348,7 @@ def train_task(
             loss.backward()
             ce_sum += out.loss.detach().double()
         if sharded:
-            average_gradients(params)
+            average_gradients(whole_params)
         stats = all_reduce_sum(ce_sum.reshape(1)) / dist.world_size
         loss_value = float(stats[0])
         penalty_value = float(penalty.detach()) if penalty is not None else 0.0
@@ -341,11 +360,14 @@ def train_task(
             )
         # Clipping computes the global norm anyway; without clipping it costs one pass over the
         # (LoRA-sized) gradients.
-        grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if cfg.max_grad_norm > 0
-            else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        )
+        if sharded_trainables:
+            grad_norm = float(clip_sharded_grad_norm(params, cfg.max_grad_norm))
+        else:
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                if cfg.max_grad_norm > 0
+                else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            )
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(
                 f"{desc}: non-finite gradient (global norm {grad_norm}) at optimizer step "
@@ -390,8 +412,8 @@ def train_task(
                 {
                     "step": done,
                     "trainable": trainable_state(model),
-                    # a copy: the live state keeps changing after this call returns
-                    "optimizer": copy.deepcopy(optimizer.state_dict()),
+                    # a copy (the live state keeps changing after this call returns), whole
+                    "optimizer": gathered_copy(optimizer.state_dict()),
                     "scheduler": scheduler.state_dict(),
                     "rng": gather_objects(capture_rng()),
                 }
@@ -405,4 +427,5 @@ def train_task(
         last_penalty=penalty_value,
         tokens_per_s=tokens_per_s,
         seconds=time.perf_counter() - t_start,
+        optimizer_state_share=local_state_share(optimizer),
     )
