@@ -11,11 +11,13 @@ import torch
 from safetensors.torch import load_file
 from smoke_run import ARGS, run_smoke, smoke_env, warm_stage0
 
+import sefe_fast.methods.moelora as moelora
 from sefe_fast.data.char_tokenizer import build_char_tokenizer
 from sefe_fast.methods import MethodConfig, build_method
 from sefe_fast.model.mixture_attach import mixture_layers, mixture_parameters, routing_context
 from sefe_fast.model.mixture_lora import MixtureLoRALinear
 from sefe_fast.model.tiny import TinyConfig, build_tiny_model
+from sefe_fast.train.cli import parse_config
 
 SMALL = TinyConfig(text_layers=2, text_hidden=64, text_heads=2, text_intermediate=128)
 CFG = SimpleNamespace(lora_r=8, lora_alpha=16, lora_dropout=0.0, lr=1e-2, projector_lr=1e-3)
@@ -107,6 +109,30 @@ def test_a_rank_the_experts_do_not_divide_is_refused_naming_the_flags():
         _method("smolora", experts=3).attach(
             _tiny().model, SimpleNamespace(**{**vars(CFG), "lora_r": 9})
         )
+
+
+def test_bad_expert_counts_stop_the_run_at_the_flags(capsys):
+    base = ["coin", "--preset", "smoke", "--output-dir", "unused"]
+    with pytest.raises(SystemExit):
+        parse_config([*base, "--method", "moelora", "--lora-r", "8", "--mixture-experts", "3"])
+    assert "--lora-r 8 must be a multiple of --mixture-experts 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config([*base, "--method", "smolora", "--lora-r", "9", "--mixture-experts", "3"])
+    assert "an even number" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config([*base, "--method", "smolora", "--lora-r", "12"])  # 8 experts by default
+    assert "--mixture-experts 8" in capsys.readouterr().err
+    config = parse_config(
+        [*base, "--method", "moelora", "--lora-r", "12", "--mixture-experts", "3"]
+    )
+    assert config.mixture_experts == 3
+    parse_config([*base, "--method", "lora", "--lora-r", "12"])  # other methods: no check
+
+
+def test_mixtures_refuse_a_sharded_model(monkeypatch):
+    monkeypatch.setattr(moelora, "is_sharded", lambda model: True)
+    with pytest.raises(ValueError, match="--method smolora does not run with --fsdp"):
+        _method("smolora").attach(_tiny().model, CFG)
 
 
 def _smolora(bundle):

@@ -105,6 +105,13 @@ class ContinualMethod:
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
 
+    @classmethod
+    def settings_problems(cls, values: dict[str, Any]) -> list[str]:
+        """What is wrong with the run's settings (RunConfig field → value) for this method,
+        one message per problem naming the flags: checked with the flags, before any
+        work."""
+        return []
+
     def bind_model(self, bundle: Any) -> None:
         """Called once with the run's `ModelBundle` (model, tokenizer, image processor),
         before the first stage: a method that reads the tokenizer keeps it here."""

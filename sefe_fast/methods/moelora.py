@@ -83,14 +83,28 @@ class MoELoRAMethod(ContinualMethod):
     def experts(self) -> int:
         return self.config.mixture_experts or PUBLISHED_EXPERTS
 
+    @classmethod
+    def _rank_problem(cls, lora_r: int, experts: int) -> str | None:
+        if lora_r % experts == 0 and (cls.routing == "dense" or experts % 2 == 0):
+            return None
+        even = " (an even number: half the experts per router)" if cls.routing != "dense" else ""
+        return (
+            f"--method {cls.name}: --lora-r {lora_r} must be a multiple of "
+            f"--mixture-experts {experts}{even}"
+        )
+
+    @classmethod
+    def settings_problems(cls, values: dict[str, Any]) -> list[str]:
+        """The experts must split the LoRA rank evenly (and, separable, be even)."""
+        experts = values.get("mixture_experts") or PUBLISHED_EXPERTS
+        problem = cls._rank_problem(values["lora_r"], experts)
+        return [problem] if problem else []
+
     def spec(self, model: torch.nn.Module, cfg: TrainingSettings) -> MixtureSpec:
         """The mixture this method attaches to `model` under the run's settings."""
-        if cfg.lora_r % self.experts or (self.routing == "separable" and self.experts % 2):
-            raise ValueError(
-                f"--method {self.name}: --lora-r {cfg.lora_r} must be a multiple of "
-                f"--mixture-experts {self.experts}"
-                + (" (an even number)" if self.routing == "separable" else "")
-            )
+        problem = self._rank_problem(cfg.lora_r, self.experts)
+        if problem:
+            raise ValueError(problem)
         return MixtureSpec(
             experts=self.experts,
             rank=cfg.lora_r,
