@@ -30,4 +30,7 @@ GLOBAL_BATCH_SIZE = 128
 # Full fine-tuning (the FFT row of the paper's table): the paper and CoIN's scripts give no
 # lr; LLaVA-1.5's own full fine-tuning (scripts/v1_5/finetune.sh) uses 2e-5, 1/10 of LoRA's.
 FFT_LR = 2e-5
+# LoTA (Panda et al. 2024): the share of each matrix's entries left out of a task's mask
+# (0.9: 10 % of the positions trained), the paper's default.
+LOTA_SPARSITY = 0.9
 MAX_LENGTH = 2048

@@ -14,8 +14,11 @@ functions (stage numbers are 1-based, `stage_name` gives the `stage{NN}_{task}` 
                                                   projector.safetensors; fft:
                                                   weights.safetensors)
     checkpoints/stage{NN}_{task}.pt               in-task checkpoint (removed when done)
+    checkpoints/stage{NN}_{task}.{phase}.pt       the same for a method's extra phase (LoTA's
+                                                  calibration), removed when it is done
     key_elements/stage{NN}_{task}.safetensors     RegLoRA's selected positions
     olora/stage{NN}_{task}.safetensors            O-LoRA's kept lora_A matrices
+    lota/stage{NN}_{task}.safetensors             LoTA's sparse mask (key-element format)
     predictions/stage{NN}_{task}/{eval_task}.jsonl    greedy answers after stage NN
     run.lock                                      held by the run writing here (`sefe_fast.run_lock`)
 
@@ -39,6 +42,7 @@ ADAPTERS_DIR = "adapters"
 CHECKPOINTS_DIR = "checkpoints"
 KEY_ELEMENTS_DIR = "key_elements"
 OLORA_DIR = "olora"
+LOTA_DIR = "lota"
 PREDICTIONS_DIR = "predictions"
 LOCK_FILE = "run.lock"
 # What a run's progress consists of: `--restart` removes these (and only these), and a
@@ -53,6 +57,7 @@ PROGRESS_ENTRIES = (
     CHECKPOINTS_DIR,
     KEY_ELEMENTS_DIR,
     OLORA_DIR,
+    LOTA_DIR,
     PREDICTIONS_DIR,
 )
 # A stage folder's name: `stage{NN}_{task}` (NN: 1-based stage, at least two digits).
@@ -102,9 +107,18 @@ def adapter_dir(run_dir: str | Path, stage: int, task: str) -> Path:
     return Path(run_dir) / ADAPTERS_DIR / stage_name(stage, task)
 
 
-def train_state_path(run_dir: str | Path, stage: int, task: str) -> Path:
-    """`run_dir/checkpoints/stage{NN}_{task}.pt`: the stage's in-task checkpoint."""
-    return Path(run_dir) / CHECKPOINTS_DIR / f"{stage_name(stage, task)}.pt"
+def train_state_path(run_dir: str | Path, stage: int, task: str, phase: str = "") -> Path:
+    """`run_dir/checkpoints/stage{NN}_{task}.pt`: the stage's in-task checkpoint
+    (`stage{NN}_{task}.{phase}.pt` for a phase other than the task's training)."""
+    suffix = f".{phase}.pt" if phase else ".pt"
+    return Path(run_dir) / CHECKPOINTS_DIR / f"{stage_name(stage, task)}{suffix}"
+
+
+def stage_checkpoints(run_dir: str | Path, stage: int, task: str) -> list[Path]:
+    """Every in-task checkpoint of the stage that exists (the task's and its phases')."""
+    folder = Path(run_dir) / CHECKPOINTS_DIR
+    name = stage_name(stage, task)
+    return sorted(p for p in folder.glob(f"{name}*.pt") if p.name.split(".")[0] == name)
 
 
 def key_elements_path(run_dir: str | Path, stage: int, task: str) -> Path:
@@ -115,6 +129,11 @@ def key_elements_path(run_dir: str | Path, stage: int, task: str) -> Path:
 def olora_path(run_dir: str | Path, stage: int, task: str) -> Path:
     """`run_dir/olora/stage{NN}_{task}.safetensors`: one task's lora_A of every module."""
     return Path(run_dir) / OLORA_DIR / f"{stage_name(stage, task)}.safetensors"
+
+
+def lota_mask_path(run_dir: str | Path, stage: int, task: str) -> Path:
+    """`run_dir/lota/stage{NN}_{task}.safetensors`: one task's LoTA mask (key elements)."""
+    return Path(run_dir) / LOTA_DIR / f"{stage_name(stage, task)}.safetensors"
 
 
 def predictions_root(run_dir: str | Path) -> Path:

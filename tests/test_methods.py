@@ -18,7 +18,7 @@ SMALL = TinyConfig(text_layers=2, text_hidden=64, text_heads=2, text_intermediat
 
 def test_registry_names_the_methods():
     assert set(METHODS) == {
-        "lora", "asd", "reglora", "sefe", "olora", "fft", "moelora", "smolora",
+        "lora", "asd", "reglora", "sefe", "olora", "fft", "lota", "moelora", "smolora",
     }  # fmt: skip
     for name in METHODS:
         assert build_method(name, MethodConfig()).name == name

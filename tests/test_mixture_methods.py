@@ -127,6 +127,9 @@ def test_bad_expert_counts_stop_the_run_at_the_flags(capsys):
     )
     assert config.mixture_experts == 3
     parse_config([*base, "--method", "lora", "--lora-r", "12"])  # other methods: no check
+    with pytest.raises(SystemExit):
+        parse_config([*base, "--method", "smolora", "--fsdp"])
+    assert "--method smolora does not run with --fsdp" in capsys.readouterr().err
 
 
 def test_mixtures_refuse_a_sharded_model(monkeypatch):

@@ -161,3 +161,11 @@ def test_help_lists_every_method_with_its_one_line_summary():
     for line in lines:
         name = line.split()[0]
         assert line.split(None, 1)[1] == METHODS[name].summary != ContinualMethod.summary
+
+
+def test_a_method_without_fsdp_support_is_refused_with_fsdp(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["coin", "--preset", "smoke", "--method", "lota", "--fsdp"])
+    assert exit_info.value.code == 2
+    assert "--method lota does not run with --fsdp" in capsys.readouterr().err
+    assert parse_config(["coin", "--preset", "smoke", "--method", "fft", "--fsdp"]).fsdp

@@ -7,8 +7,12 @@ once, then, for each task in order:
     train_file = method.prepare_train_file(task, train_json, work_dir)   # rank 0 first
     model = method.attach(model, cfg)               # e.g. a fresh LoRA on the plain model
     method.before_task(model, task, stage)
-    groups = method.trainable_groups(model, cfg)    # AdamW groups: what trains, at what lr
-    ... every optimizer step: loss += method.extra_loss(model, step) (if not None)
+    for phase in method.phases(cfg, stage, task, run_dir):    # by default one: TRAIN
+        method.begin_phase(model, phase, stage, task, run_dir)
+        groups = method.trainable_groups(model, cfg)    # AdamW groups: what trains, at what lr
+        ... every optimizer step: loss += method.extra_loss(model, step) (if not None),
+            and after it method.after_step(model)
+        method.end_phase(model, phase, stage, task, run_dir, write=is_main)
     method.save_stage(model, stage_dir, write=is_main)   # every rank; rank 0 writes
     method.after_task(model, task, stage, run_dir, write=is_main)
     model = method.finish_stage(model)              # back to a plain model (e.g. merged)
@@ -17,7 +21,10 @@ once, then, for each task in order:
 
 A completed stage is replayed on resume as `finish_stage(load_stage(model, stage_dir))`;
 a stage trained but not yet evaluated (`is_stage_saved(stage_dir)`) is loaded instead of
-trained again. `cfg` is the run's settings (`sefe_fast.train.config.RunConfig`, read
+trained again. A phase other than TRAIN (LoTA's calibration fine-tune) runs
+`phase.max_steps` optimizer steps with its own in-task checkpoint; a method leaves it out
+of `phases` once its result is saved, so a resumed task goes on from there. `cfg` is the
+run's settings (`sefe_fast.train.config.RunConfig`, read
 only; `TrainingSettings` names what the default hooks read).
 
 The defaults below are plain sequential LoRA (docs/reference.md §3): a fresh LoRA (r,
@@ -50,6 +57,19 @@ from sefe_fast.model.lora import (
     projector_parameters,
     save_adapter,
 )
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One training run inside a task: `name` (TRAIN is the task's training itself) and its
+    length, `max_steps` optimizer steps or else `epochs` passes (both None: the task's)."""
+
+    name: str
+    max_steps: int | None = None
+    epochs: float | None = None
+
+
+TRAIN = Phase("train")
 
 
 class TrainingSettings(Protocol):
@@ -88,6 +108,7 @@ class MethodConfig:
     seed: int = 0
     olora_lambda1: float = paper.OLORA_LAMBDA1
     olora_lambda2: float = paper.OLORA_LAMBDA2
+    lota_sparsity: float | None = None  # None: paper.LOTA_SPARSITY
     mixture_experts: int | None = None
 
 
@@ -97,6 +118,7 @@ class ContinualMethod:
 
     name = "base"
     summary = "no method: the default hooks (a subclass names itself and says what it does)"
+    supports_fsdp = True  # False: `--fsdp` is refused before any work (the CLI checks it)
     # False when a token's output depends on later tokens of its sample (SMoLoRA's
     # per-sample routing): the trainer then runs every sequence whole, without computing a
     # prompt prefix shared by the batch once.
@@ -159,6 +181,29 @@ class ContinualMethod:
         return merge_lora(model)
 
     # ------------------------------------------------------------------ training hooks
+
+    def phases(self, cfg: TrainingSettings, stage: int, task: str, run_dir: Path) -> list[Phase]:
+        """The training runs of this task, in order: here the task's training alone."""
+        return [TRAIN]
+
+    def begin_phase(
+        self, model: torch.nn.Module, phase: Phase, stage: int, task: str, run_dir: Path
+    ) -> None:
+        """Called before `phase`'s first step (and before its groups are asked for)."""
+
+    def end_phase(
+        self,
+        model: torch.nn.Module,
+        phase: Phase,
+        stage: int,
+        task: str,
+        run_dir: Path,
+        write: bool,
+    ) -> None:
+        """Called after `phase`'s last step (every rank; `write`: rank 0)."""
+
+    def after_step(self, model: torch.nn.Module) -> None:
+        """Called after every optimizer step (of every phase)."""
 
     def before_task(self, model: torch.nn.Module, task: str, stage: int) -> None:
         """Called once the task's model is attached (`attach`), before the first step."""

@@ -65,6 +65,7 @@ class MoELoRAMethod(ContinualMethod):
     name = "moelora"
     summary = "CoIN's MoELoRA: 8 LoRA experts, per-token softmax router, kept across tasks"
     routing = "dense"
+    supports_fsdp = False  # the mixture layers are not sharded
     targets: tuple[str, ...] = LORA_TARGETS
     on_projector = False  # True: experts on the projector's Linears, its weights frozen
     # the routers' parameter names that never train (SMoLoRA's top-1 gates)

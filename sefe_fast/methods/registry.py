@@ -5,6 +5,7 @@ from __future__ import annotations
 from sefe_fast.methods.asd_method import AsdMethod
 from sefe_fast.methods.base import ContinualMethod, MethodConfig
 from sefe_fast.methods.fft import FullFineTuning
+from sefe_fast.methods.lota import LotteryTicketAdaptation
 from sefe_fast.methods.moelora import MoELoRAMethod
 from sefe_fast.methods.olora import OLoRAMethod
 from sefe_fast.methods.reglora_method import RegLoRAMethod
@@ -21,6 +22,7 @@ METHODS: dict[str, type[ContinualMethod]] = {
         SefeMethod,
         OLoRAMethod,
         FullFineTuning,
+        LotteryTicketAdaptation,
         MoELoRAMethod,
         SMoLoRAMethod,
     )

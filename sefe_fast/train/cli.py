@@ -126,6 +126,9 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
         problems.append(f"--preset {args['preset']} needs --model (or --llm/--vision-tower)")
     if needs_model and values["data"] is None:
         problems.append(f"--preset {args['preset']} needs --data")
+    method = METHODS.get(values["method"])
+    if values["fsdp"] and method is not None and not method.supports_fsdp:
+        problems.append(f"--method {values['method']} does not run with --fsdp")
     if values["llm"] is not None:
         if values["vision_tower"] is None:
             problems.append("--llm needs --vision-tower (and usually --projector)")

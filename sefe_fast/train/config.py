@@ -257,6 +257,26 @@ class RunConfig:
         "method",
         **NON_NEGATIVE,
     )
+    lota_sparsity: float | None = setting(
+        None,
+        "LoTA: share of each trained matrix's entries left out of a task's mask (None: the "
+        "paper's 0.9, i.e. 10% of the positions trained)",
+        "method",
+        optional=True,
+        fingerprinted_when_set=True,
+        low=0,
+        high=1,
+        high_open=True,
+    )
+    lota_calibration_steps: int | None = setting(
+        None,
+        "LoTA: optimizer steps of the calibration fine-tune that picks each task's mask "
+        "(None: a tenth of the task's steps, or of its epochs)",
+        "method",
+        optional=True,
+        fingerprinted_when_set=True,
+        **AT_LEAST_ONE,
+    )
     mixture_experts: int | None = setting(
         None,
         "LoRA experts per layer of moelora and smolora, each of rank lora_r / experts "

@@ -3,7 +3,8 @@
 For each task (stage s = 1..T), through the method's hooks (`sefe_fast.methods.base`):
 the method attaches what the task trains (by default a fresh LoRA) and names its
 parameter groups; that is trained on the task's data (as the method prepares it, with the
-method's extra loss) and saved in the stage's folder; the method sees the trained model
+method's extra loss; in the method's phases — one by default, LoTA calibrates first) and
+saved in the stage's folder; the method sees the trained model
 (`after_task`: RegLoRA selects and keeps its key elements) and turns it back into a plain
 model (`finish_stage`: by default the LoRA is merged); the model is evaluated on every
 task seen so far (greedy decoding, sharded over ranks, scored on rank 0); `results.json`
@@ -14,11 +15,13 @@ task restarts from its last in-task checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import platform
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from sefe_fast.evaluation import (
 )
 from sefe_fast.io_utils import atomic_write_json
 from sefe_fast.methods import ContinualMethod, MethodConfig, build_method
+from sefe_fast.methods.base import TRAIN, Phase
 from sefe_fast.metrics import continual_metrics
 from sefe_fast.model.accel import AccelConfig, apply_accel, compute_dtype
 from sefe_fast.model.build import ModelBundle, assemble_llava, load_llava
@@ -52,6 +56,7 @@ from sefe_fast.run_layout import (
     predictions_path,
     remove_progress,
     results_path,
+    stage_checkpoints,
     stage_name,
     train_log_path,
     train_state_path,
@@ -94,9 +99,11 @@ def run_continual(cfg: RunConfig) -> dict[str, Any] | None:
         shutdown_distributed()
 
 
-def _stage_seed(seed: int, stage: int, rank: int | None = None) -> int:
-    """Seed for a stage's LoRA initialisation (rank None: same on every rank) or its dropout."""
-    return seed * 100_003 + stage * 1_009 + (0 if rank is None else 7 + rank)
+def _stage_seed(seed: int, stage: int, rank: int | None = None, phase: str = TRAIN.name) -> int:
+    """Seed for a stage's LoRA initialisation (rank None: same on every rank) or its dropout
+    (a phase other than the task's training, e.g. LoTA's calibration, gets its own)."""
+    base = seed * 100_003 + stage * 1_009 + (0 if rank is None else 7 + rank)
+    return base if phase == TRAIN.name else base + zlib.crc32(phase.encode()) % 100_000 * 13
 
 
 class ContinualRun:
@@ -300,41 +307,68 @@ class ContinualRun:
         for param in projector_parameters(trained):
             param.data = param.data.float()  # the projector trains in fp32 (autocast computes)
         self.method.before_task(trained, task, stage)
-        seed_everything(_stage_seed(cfg.seed, stage, dist.rank))  # dropout differs per rank
-        groups = self.method.trainable_groups(trained, cfg)
-        ckpt_path = train_state_path(self.run_dir, stage, task)
+        for phase in self.method.phases(cfg, stage, task, self.run_dir):
+            self.train_phase(trained, dataset, stage, task, phase)
+        check_finite_weights(trained, f"stage {stage} {task}")
+        self.method.save_stage(trained, adapter_dir(self.run_dir, stage, task), dist.is_main)
+        barrier()
+        return trained
+
+    def train_phase(
+        self, trained: torch.nn.Module, dataset: Any, stage: int, task: str, phase: Phase
+    ) -> None:
+        """Run one phase of the task's training (resuming its in-task checkpoint); the method's
+        `begin_phase` before it, `end_phase` after it."""
+        cfg, dist, method = self.cfg, self.dist, self.method
+        main = phase == TRAIN
+        method.begin_phase(trained, phase, stage, task, self.run_dir)
+        # dropout differs per rank (and per phase)
+        seed_everything(_stage_seed(cfg.seed, stage, dist.rank, phase.name))
+        groups = method.trainable_groups(trained, cfg)
+        ckpt_path = train_state_path(self.run_dir, stage, task, "" if main else phase.name)
         resume = load_train_state(ckpt_path, self.fingerprint)
+        what = task if main else f"{task} {phase.name}"
         if resume is not None and dist.is_main:
-            print(f"[sefe_fast] resuming {task} from step {resume['step']} ({ckpt_path})")
-        pad = bundle.tokenizer.pad_token_id
+            print(f"[sefe_fast] resuming {what} from step {resume['step']} ({ckpt_path})")
+        loop_config = self.loop_config(stage, task)
+        if phase.max_steps is not None:
+            loop_config = dataclasses.replace(loop_config, max_steps=phase.max_steps)
+        elif phase.epochs is not None:
+            loop_config = dataclasses.replace(loop_config, max_steps=None, epochs=phase.epochs)
+        log_phase = stage_name(stage, task) + ("" if main else f".{phase.name}")
         result = train_task(
             trained,
             dataset,
-            functools.partial(collate_train, pad_token_id=pad),  # picklable for workers
+            functools.partial(collate_train, pad_token_id=self.bundle.tokenizer.pad_token_id),
             groups,
-            self.loop_config(stage, task),
+            loop_config,
             dist,
             accel=self.accel,
-            extra_loss=self.method.extra_loss,
+            extra_loss=method.extra_loss,
+            after_step=method.after_step,
             log=self.train_log,
-            log_fields={"phase": stage_name(stage, task), "stage": stage, "task": task},
+            log_fields={"phase": log_phase, "stage": stage, "task": task},
             save_checkpoint=(lambda state: save_train_state(ckpt_path, state, self.fingerprint))
             if dist.is_main
             else (lambda state: None),
             resume=resume,
-            desc=f"[{stage}/{len(cfg.tasks)}] {task}",
-            image_token_id=bundle.image_token_id,
+            desc=f"[{stage}/{len(cfg.tasks)}] {what}",
+            image_token_id=self.bundle.image_token_id,
         )
-        check_finite_weights(trained, f"stage {stage} {task}")
-        self.timing.setdefault(task, {})["train_s"] = result.seconds
-        self.timing[task]["tokens_per_s"] = result.tokens_per_s
+        method.end_phase(trained, phase, stage, task, self.run_dir, write=dist.is_main)
+        timing = self.timing.setdefault(task, {})
+        if main:
+            timing["train_s"] = result.seconds
+            timing["tokens_per_s"] = result.tokens_per_s
+        else:  # its result is saved by end_phase: the checkpoint is no longer needed
+            timing[f"{phase.name}_s"] = result.seconds
+            if dist.is_main:
+                ckpt_path.unlink(missing_ok=True)
         if self.sharded:  # 1.0 for a LoRA (replicated), about 1/N for sharded weights (fft)
             self.accel_info["fsdp_rank0_optimizer_state_share"] = round(
                 result.optimizer_state_share, 4
             )
-        self.method.save_stage(trained, adapter_dir(self.run_dir, stage, task), dist.is_main)
         barrier()
-        return trained
 
     # ------------------------------------------------------------------ evaluation
 
@@ -388,7 +422,8 @@ class ContinualRun:
             self.state.method_state = self.method.state_dict()
             atomic_write_json(results_path(self.run_dir), self.results())
             self.state.save(self.run_dir)
-            train_state_path(self.run_dir, stage, task).unlink(missing_ok=True)
+            for path in stage_checkpoints(self.run_dir, stage, task):
+                path.unlink(missing_ok=True)
         barrier()
 
     # ------------------------------------------------------------------ the run

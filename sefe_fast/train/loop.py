@@ -232,6 +232,7 @@ def train_task(
     *,
     accel: AccelConfig,
     extra_loss: Callable[[torch.nn.Module, int], torch.Tensor | None] | None = None,
+    after_step: Callable[[torch.nn.Module], None] | None = None,
     log: TrainLog | None = None,
     log_fields: dict[str, Any] | None = None,
     save_checkpoint: Callable[[dict[str, Any]], None] | None = None,
@@ -242,7 +243,8 @@ def train_task(
     """Train `model` in place on `dataset` for one task; return what happened.
 
     `param_groups`: AdamW groups (`params`, `lr`, optional `name`). `extra_loss(model, step)`
-    adds a term once per step (it sees the unwrapped model). `save_checkpoint(state)` is
+    adds a term once per step (it sees the unwrapped model); `after_step(model)` runs after
+    every optimizer step (e.g. to hold weights a method must not change). `save_checkpoint(state)` is
     called on every rank every `cfg.save_every` steps with the loop state (rank 0 writes
     it); `resume` is such a state. Raises NonFiniteLossError on a NaN/inf loss, before the
     optimizer step, so the last checkpoint stays good. `image_token_id` bounds the shared
@@ -376,6 +378,8 @@ def train_task(
                 "λ and rerun)"
             )
         optimizer.step()
+        if after_step is not None:
+            after_step(model)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
