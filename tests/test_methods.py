@@ -17,11 +17,13 @@ SMALL = TinyConfig(text_layers=2, text_hidden=64, text_heads=2, text_intermediat
 
 
 def test_registry_names_the_methods():
-    assert set(METHODS) == {"lora", "asd", "reglora", "sefe", "olora", "fft", "lota"}
+    assert set(METHODS) == {
+        "lora", "asd", "reglora", "sefe", "olora", "fft", "lota", "moelora", "smolora",
+    }  # fmt: skip
     for name in METHODS:
         assert build_method(name, MethodConfig()).name == name
-    with pytest.raises(ValueError, match="unknown method 'moelora'"):
-        build_method("moelora", MethodConfig())
+    with pytest.raises(ValueError, match="unknown method 'nonesuch'"):
+        build_method("nonesuch", MethodConfig())
 
 
 @pytest.fixture(scope="module")

@@ -87,9 +87,16 @@ class SpyMethod(ContinualMethod):
     name = "spy"
     calls: ClassVar[list] = []
 
+    def bind_model(self, bundle):
+        self.calls.append(("bind", bundle.tokenizer is not None))
+
     def prepare_train_file(self, task, train_json, work_dir):
         self.calls.append(("prepare", task))
         return train_json
+
+    def before_predictions(self, model, task):
+        n_lora = sum("lora_" in n for n, _ in model.named_parameters())
+        self.calls.append(("predict", task, n_lora > 0))
 
     def before_task(self, model, task, stage):
         n_lora = sum("lora_" in n for n, _ in model.named_parameters())
@@ -125,14 +132,18 @@ def test_every_method_hook_is_called_in_order(tmp_path, cache, monkeypatch):
     )
     results = run_continual(config)
     assert SpyMethod.calls == [
+        ("bind", True),
         ("prepare", "ScienceQA"),
         ("before", "ScienceQA", 1, True),
         *[("extra", s) for s in range(4)],
         ("after", "ScienceQA", 1, True, True),  # before the merge: LoRA still attached
+        ("predict", "ScienceQA", False),  # after the merge
         ("prepare", "TextVQA"),
         ("before", "TextVQA", 2, True),
         *[("extra", s) for s in range(3)],
         ("after", "TextVQA", 2, True, True),
+        ("predict", "ScienceQA", False),
+        ("predict", "TextVQA", False),
     ]
     state = json.loads((tmp_path / "run" / "run_state.json").read_text())
     assert state["method_state"] == {"n_calls": len(SpyMethod.calls)}

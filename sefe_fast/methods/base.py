@@ -1,7 +1,8 @@
 """The seam between the continual trainer and a continual-learning method.
 
 A method owns two things: what it trains in a task (the adapter lifecycle) and what it
-adds around the training (data, loss, state). The trainer calls, for each task in order:
+adds around the training (data, loss, state). The trainer calls `method.bind_model(bundle)`
+once, then, for each task in order:
 
     train_file = method.prepare_train_file(task, train_json, work_dir)   # rank 0 first
     model = method.attach(model, cfg)               # e.g. a fresh LoRA on the plain model
@@ -15,6 +16,7 @@ adds around the training (data, loss, state). The trainer calls, for each task i
     method.save_stage(model, stage_dir, write=is_main)   # every rank; rank 0 writes
     method.after_task(model, task, stage, run_dir, write=is_main)
     model = method.finish_stage(model)              # back to a plain model (e.g. merged)
+    method.before_predictions(model, eval_task)     # before each evaluated task's answers
     state = method.state_dict()                     # saved with the run, for resume
 
 A completed stage is replayed on resume as `finish_stage(load_stage(model, stage_dir))`;
@@ -94,7 +96,8 @@ class MethodConfig:
     elements per matrix (0.02 = 2 %); asd_ratio: fraction X of training samples rewritten
     into the other answer styles (0.2 = 20 %); reg_backend: the penalty implementation;
     reg_gpu_budget_gb: GB the GPU backends' device masks may keep (RegLoRA gpu_budget_gb);
-    seed: seeds the ASD conversion.
+    seed: seeds the ASD conversion; mixture_experts: LoRA experts per layer of moelora and
+    smolora (None: their published 8).
     """
 
     reg_lambda: float = paper.REG_LAMBDA
@@ -106,6 +109,7 @@ class MethodConfig:
     olora_lambda1: float = paper.OLORA_LAMBDA1
     olora_lambda2: float = paper.OLORA_LAMBDA2
     lota_sparsity: float | None = None  # None: paper.LOTA_SPARSITY
+    mixture_experts: int | None = None
 
 
 class ContinualMethod:
@@ -115,9 +119,24 @@ class ContinualMethod:
     name = "base"
     summary = "no method: the default hooks (a subclass names itself and says what it does)"
     supports_fsdp = True  # False: `--fsdp` is refused before any work (the CLI checks it)
+    # False when a token's output depends on later tokens of its sample (SMoLoRA's
+    # per-sample routing): the trainer then runs every sequence whole, without computing a
+    # prompt prefix shared by the batch once.
+    shares_prompt_prefix = True
 
     def __init__(self, config: MethodConfig) -> None:
         self.config = config
+
+    @classmethod
+    def settings_problems(cls, values: dict[str, Any]) -> list[str]:
+        """What is wrong with the run's settings (RunConfig field → value) for this method,
+        one message per problem naming the flags: checked with the flags, before any
+        work."""
+        return []
+
+    def bind_model(self, bundle: Any) -> None:
+        """Called once with the run's `ModelBundle` (model, tokenizer, image processor),
+        before the first stage: a method that reads the tokenizer keeps it here."""
 
     def prepare_train_file(self, task: str, train_json: Path, work_dir: Path) -> Path:
         """The training file to use for `task` (the original one here)."""
@@ -198,6 +217,9 @@ class ContinualMethod:
     ) -> None:
         """Called after the task's training (and `save_stage`), before `finish_stage`.
         `write`: rank 0."""
+
+    def before_predictions(self, model: torch.nn.Module, task: str) -> None:
+        """Called before the model answers `task`'s test questions (after each stage)."""
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-ready state needed to resume after a completed stage."""

@@ -6,10 +6,12 @@ from sefe_fast.methods.asd_method import AsdMethod
 from sefe_fast.methods.base import ContinualMethod, MethodConfig
 from sefe_fast.methods.fft import FullFineTuning
 from sefe_fast.methods.lota import LotteryTicketAdaptation
+from sefe_fast.methods.moelora import MoELoRAMethod
 from sefe_fast.methods.olora import OLoRAMethod
 from sefe_fast.methods.reglora_method import RegLoRAMethod
 from sefe_fast.methods.sefe import SefeMethod
 from sefe_fast.methods.sequential_lora import SequentialLoRA
+from sefe_fast.methods.smolora import SMoLoRAMethod
 
 METHODS: dict[str, type[ContinualMethod]] = {
     cls.name: cls
@@ -21,6 +23,8 @@ METHODS: dict[str, type[ContinualMethod]] = {
         OLoRAMethod,
         FullFineTuning,
         LotteryTicketAdaptation,
+        MoELoRAMethod,
+        SMoLoRAMethod,
     )
 }
 

@@ -119,6 +119,8 @@ def parse_config(argv: list[str] | None = None) -> RunConfig:
     if args["task_steps"] is None and (args["max_steps"] is not None or args["epochs"] is not None):
         values["task_steps"] = {}  # a step count given on the command line is for every task
     problems = validate(values)
+    if not problems:  # a method's own checks read valid values only
+        problems += METHODS[values["method"]].settings_problems(values)
     needs_model = args["preset"] in REQUIRES_MODEL_AND_DATA
     if needs_model and values["model"] is None and values["llm"] is None:
         problems.append(f"--preset {args['preset']} needs --model (or --llm/--vision-tower)")

@@ -277,6 +277,16 @@ class RunConfig:
         fingerprinted_when_set=True,
         **AT_LEAST_ONE,
     )
+    mixture_experts: int | None = setting(
+        None,
+        "LoRA experts per layer of moelora and smolora, each of rank lora_r / experts "
+        "(None: 8, as CoIN's and SMoLoRA's scripts; smolora: half routed by the input, "
+        "half by the instruction)",
+        "method",
+        optional=True,
+        fingerprinted_when_set=True,
+        **AT_LEAST_ONE,
+    )
     max_new_tokens: int | None = setting(
         None,
         "greedy decoding length in tokens, stopping at end of sequence (None or 0 = each "

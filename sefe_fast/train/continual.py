@@ -143,6 +143,7 @@ class ContinualRun:
         self.train_log = TrainLog(train_log_path(self.run_dir), enabled=dist.is_main)
         self.data_dir, self.image_root = self.prepare_data()
         self.bundle, self.accel_info = self.build_model()
+        self.method.bind_model(self.bundle)
         self.evaluator = StageEvaluator(
             cfg, dist, self.bundle, self.data_dir, self.image_root, self.accel, self.sharded
         )
@@ -249,7 +250,9 @@ class ContinualRun:
             grad_accum=self.grad_accum,
             max_steps=cfg.max_steps_for(task),
             seed=_stage_seed(cfg.seed, stage),
-            share_prompt_prefix=not self.accel_info["gradient_checkpointing"] and not self.sharded,
+            share_prompt_prefix=not self.accel_info["gradient_checkpointing"]
+            and not self.sharded
+            and self.method.shares_prompt_prefix,
             num_workers=resolve_num_workers(
                 cfg.num_workers, self.dist.device, self.dist.world_size
             ),
@@ -373,6 +376,7 @@ class ContinualRun:
         """Evaluate on tasks 1..stage; rank 0 writes predictions and fills the matrix row."""
         t0 = time.perf_counter()
         for index, eval_task in enumerate(self.cfg.tasks[:stage]):
+            self.method.before_predictions(model, eval_task)
             rows = self.evaluator.predictions(model, eval_task)
             if rows is None:
                 continue
