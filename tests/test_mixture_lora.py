@@ -182,9 +182,9 @@ def test_attach_targets_and_fresh_mixture_leaves_the_model_unchanged():
     assert not model._forward_pre_hooks
 
 
-def test_smolora_targets_mlp_and_projector_and_routes_by_the_call_mask():
-    model = _tiny()
-    spec = MixtureSpec(
+def _smolora_spec() -> MixtureSpec:
+    """SMoLoRA's layout on the tiny model: 4 experts of rank 8, MLP + projector targets."""
+    return MixtureSpec(
         experts=4,
         rank=8,
         alpha=16,
@@ -194,6 +194,11 @@ def test_smolora_targets_mlp_and_projector_and_routes_by_the_call_mask():
         projector=True,
         instruction_dim=64,
     )
+
+
+def test_smolora_targets_mlp_and_projector_and_routes_by_the_call_mask():
+    model = _tiny()
+    spec = _smolora_spec()
     ctx = attach_mixture(model, spec)
     names = {n.rsplit(".", 1)[-1] for n, _ in mixture_layers(model)}
     assert names == {"gate_proj", "up_proj", "down_proj", "linear_1", "linear_2"}
@@ -247,16 +252,7 @@ def test_separable_decoding_with_a_cache_routes_as_the_training_forward():
     """A cached decoding step reuses the prompt's routing; a training forward over the
     prompt plus the answer (labelled) routes by the prompt too: the same logits."""
     model = _tiny()
-    spec = MixtureSpec(
-        experts=4,
-        rank=8,
-        alpha=16,
-        dropout=0.0,
-        routing="separable",
-        targets=("gate_proj", "up_proj", "down_proj"),
-        projector=True,
-        instruction_dim=64,
-    )
+    spec = _smolora_spec()
     ctx = attach_mixture(model, spec)
     torch.manual_seed(11)
     ctx.instruction = torch.randn(64)
