@@ -91,14 +91,11 @@ import torch
 import triton
 import triton.language as tl
 
+from sefe_fast.plane_format import PLANE_BITS, TRIT_PLANE, plane_width
 from sefe_fast_kernels.reglora_penalty import AotLaunch, block_r_for
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
-# Plane codes, as sefe_fast/reglora/device_mask.py defines them: binary planes of 1, 2 or 4
-# bits per count, and TRIT_PLANE = 3, counts 0–2 in base 3, five per byte, 20 per word.
-TRIT_PLANE = 3
-PLANE_BITS = (1, 2, TRIT_PLANE, 4)
 TRIT_MAGIC = (65536, 21846, 7282, 2428, 810)  # ⌈2¹⁶ / 3^s⌉, s = 0…4 (the kernel's constants)
 INPUT_PRECISIONS = ("tf32", "tf32x3", "ieee")
 DEFAULT_INPUT_PRECISION = "tf32"
@@ -232,7 +229,7 @@ def _decode_counts(
     there (0 by the DeviceMask contract); ΔW is 0 there anyway (A's loads are masked), so
     they add nothing to the value or the gradients.
     """
-    if BITS == 3:
+    if BITS == 3:  # TRIT_PLANE (a jit function reads literals, not module constants)
         cols = col0 + tl.arange(0, BLOCK_N)
         word_cols = cols // 20
         words = tl.load(
@@ -508,7 +505,7 @@ _RANK_STEP_INTERPRET = 128
 
 def words_per_row(d: int, bits: int) -> int:
     """int32 words per plane row: ceil(d / E), E = 32 / bits (20 for the trit plane)."""
-    return triton.cdiv(d, 20 if bits == TRIT_PLANE else 32 // bits)
+    return plane_width(d, bits)
 
 
 @dataclass(frozen=True)
