@@ -6,10 +6,19 @@ different seeds shown as mean ± sample std, a single run without ±) and `compa
 (grouped bars of MFT/MFN/MAA/BWT per method) to `--out` (default: the current
 directory), and prints the table. All runs must share one task list and be completed to
 the same stage; two runs of one method with the same seed are refused (double counting).
+
+Two more sections follow the table:
+- paired differences against a baseline method (`--baseline`, default `lora` when it is
+  among the runs): each other method's MFN, BWT, MFT and MAA minus the baseline's on every
+  seed both ran, with the mean, sample std and 95 % t-interval (sefe_fast.paired);
+- the paper's numbers (LLaVA-1.5-7B on real CoIN, sefe_fast.paper_table) next to the runs'
+  means for every method the paper's table has, with `paper_comparison.png` (`--no-paper`
+  leaves both out).
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 from collections.abc import Sequence
@@ -17,7 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sefe_fast.io_utils import atomic_write_text
-from sefe_fast.plots import plot_method_comparison
+from sefe_fast.paired import paired_differences, paired_markdown
+from sefe_fast.paper_table import PAPER_METHOD_LABELS, PAPER_ROWS
+from sefe_fast.plots import plot_against_paper, plot_method_comparison
 from sefe_fast.run_results import (
     METRIC_KEYS,
     MISSING,
@@ -137,17 +148,116 @@ def comparison_markdown(summaries: Sequence[MethodSummary]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_comparison(run_dirs: Sequence[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
-    """Write comparison.md and comparison.png for the runs into `out_dir`; return both paths."""
-    summaries = aggregate([load_run(run_dir) for run_dir in run_dirs])
-    out_dir = Path(out_dir)
-    markdown_path = out_dir / "comparison.md"
-    atomic_write_text(markdown_path, comparison_markdown(summaries))
+def paired_section(runs: Sequence[RunSummary], baseline: str) -> str:
+    """Markdown: every other method minus `baseline` on their shared seeds (percentage points)."""
+    by_method: dict[str, dict[int, dict[str, float | None]]] = {}
+    for run in runs:
+        if run.seed is not None:
+            by_method.setdefault(run.method, {})[run.seed] = run.values
+    differences = paired_differences(by_method, baseline)
+    lines = [
+        f"## Paired differences against {baseline}",
+        "",
+        "Same seed, same benchmark: each difference cancels the seed's own luck. Mean, sample",
+        "std and 95 % t-interval of the mean over the shared seeds (none with one seed).",
+        "",
+    ]
+    if not differences:
+        return "\n".join([*lines, f"No other method shares a seed with {baseline}.", ""])
+    return "\n".join(lines) + "\n" + paired_markdown(differences)
+
+
+PAPER_SECTION_METRICS: tuple[str, ...] = ("MFT", "MFN", "BWT")
+
+
+def paper_section(summaries: Sequence[MethodSummary]) -> str:
+    """Markdown: the runs' means beside the paper's row for every method the paper reports."""
+    known = [s for s in summaries if s.method in PAPER_ROWS]
+    lora = next((s for s in summaries if s.method == "lora"), None)
+    header = ["method", *(f"{m} {who}" for m in PAPER_SECTION_METRICS for who in ("here", "paper"))]
+    if lora is not None:
+        header += ["MFN − LoRA here", "MFN − LoRA paper"]
+    rows = []
+    for s in known:
+        paper = PAPER_ROWS[s.method]
+        row = [f"{s.method} / {PAPER_METHOD_LABELS[s.method]}"]
+        for metric in PAPER_SECTION_METRICS:
+            row += [format_number(s.mean[metric]), format_number(paper[metric])]
+        if lora is not None:
+            here = (
+                None
+                if s.mean["MFN"] is None or lora.mean["MFN"] is None
+                else s.mean["MFN"] - lora.mean["MFN"]
+            )
+            row += [format_number(here), format_number(paper["MFN"] - PAPER_ROWS["lora"]["MFN"])]
+        rows.append(row)
+    lines = [
+        "## Next to the paper's numbers",
+        "",
+        "The paper: LLaVA-1.5-7B on real CoIN (docs/reference.md §5). Here: the runs above",
+        "(means over seeds). Different models and data, so compare the methods' order and gaps,",
+        "not the values.",
+        "",
+    ]
+    if not rows:
+        return "\n".join([*lines, "None of these methods is in the paper's table.", ""])
+    lines += [markdown_table(header, rows), "", "![Here against the paper](paper_comparison.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(
+    run_dirs: Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    baseline: str | None = None,
+    paper: bool = True,
+) -> tuple[Path, Path]:
+    """Write comparison.md and comparison.png for the runs into `out_dir`; return both paths.
+
+    `baseline`: the method the paired differences subtract (default: lora when present, else
+    no paired section); `paper`: add the paper's numbers and paper_comparison.png.
+    """
+    runs = [load_run(run_dir) for run_dir in run_dirs]
+    summaries = aggregate(runs)
     methods = [s.method for s in summaries]
+    if baseline is not None and baseline not in methods:
+        raise ValueError(f"--baseline {baseline!r} is not among the runs' methods {methods}")
+    if baseline is None and "lora" in methods:
+        baseline = "lora"
+    sections = [comparison_markdown(summaries)]
+    if baseline is not None:
+        sections.append(paired_section(runs, baseline))
+    out_dir = Path(out_dir)
+    if paper:
+        sections.append(paper_section(summaries))
+        known = [s for s in summaries if s.method in PAPER_ROWS]
+        if known:
+            plot_against_paper(
+                [s.method for s in known],
+                {m: [s.mean[m] for s in known] for m in PAPER_SECTION_METRICS},
+                {m: [PAPER_ROWS[s.method][m] for s in known] for m in PAPER_SECTION_METRICS},
+                out_dir / "paper_comparison.png",
+            )
+    markdown_path = out_dir / "comparison.md"
+    atomic_write_text(markdown_path, "\n".join(sections))
     means = {key: [s.mean[key] for s in summaries] for key in METRIC_KEYS}
     stds = {key: [s.std[key] for s in summaries] for key in METRIC_KEYS}
     plot_path = plot_method_comparison(methods, means, stds, out_dir / "comparison.png")
     return markdown_path, plot_path
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--baseline",
+        default=None,
+        help="method the paired differences subtract (default: lora when among the runs)",
+    )
+    parser.add_argument(
+        "--no-paper",
+        dest="paper",
+        action="store_false",
+        help="leave out the paper's numbers and paper_comparison.png",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -157,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m sefe_fast.compare",
         description="Compare runs side by side (mean ± std over seeds per method).",
         write=write_comparison,
+        add_options=_add_options,
     )
 
 

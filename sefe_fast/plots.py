@@ -152,6 +152,30 @@ def plot_method_comparison(
     return _save(figure, path)
 
 
+def plot_against_paper(
+    methods: Sequence[str],
+    here: Mapping[str, Sequence[float | None]],
+    paper: Mapping[str, Sequence[float]],
+    path: Path,
+) -> Path:
+    """One panel per metric (keys of `here`): per method, this project's mean beside the paper's."""
+    metrics = list(here)
+    figure = _new_figure(1.5 + 2.4 * len(metrics), 4)
+    x = np.arange(len(methods))
+    for k, metric in enumerate(metrics):
+        axes = figure.add_subplot(1, len(metrics), k + 1)
+        ours = [v if v is not None else np.nan for v in here[metric]]
+        axes.bar(x - 0.2, ours, 0.4, label="here (mean over seeds)")
+        axes.bar(x + 0.2, paper[metric], 0.4, label="paper (LLaVA-1.5-7B, CoIN)", alpha=0.6)
+        axes.axhline(0, color="black", linewidth=0.8)
+        axes.set_xticks(x, methods, rotation=45, ha="right", fontsize=8)
+        axes.set_title(metric)
+        if k == 0:
+            axes.set_ylabel("percent")
+            axes.legend(fontsize=7)
+    return _save(figure, path)
+
+
 def plot_stability_plasticity(
     labels: Sequence[str], mft: Sequence[float], mfn: Sequence[float], path: Path
 ) -> Path:

@@ -124,17 +124,22 @@ def run_dirs_cli(
     *,
     prog: str,
     description: str,
-    write: Callable[[Sequence[Path], Path], tuple[Path, Path]],
+    write: Callable[..., tuple[Path, Path]],
+    add_options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
-    """The shared CLI of the multi-run tools: `RUN_DIR ... [--out DIR]`, `write(run_dirs, out)`
-    makes a Markdown file and a plot; the Markdown is printed. Returns the exit status (1 with a
+    """The shared CLI of the multi-run tools: `RUN_DIR ... [--out DIR]`, `write(run_dirs, out,
+    **options)` makes a Markdown file and a plot; the Markdown is printed. `add_options` adds a
+    tool's own flags, passed to `write` by their dest names. Returns the exit status (1 with a
     message on stderr for missing or bad runs)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--out", type=Path, default=Path("."), help="output folder (default: .)")
-    args = parser.parse_args(argv)
+    if add_options is not None:
+        add_options(parser)
+    options = vars(parser.parse_args(argv))
+    run_dirs, out = options.pop("run_dirs"), options.pop("out")
     try:
-        markdown_path, _ = write(args.run_dirs, args.out)
+        markdown_path, _ = write(run_dirs, out, **options)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

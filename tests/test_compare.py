@@ -38,7 +38,11 @@ def parse_cell(cell):
 
 
 def parse_comparison(text):
-    lines = [line for line in text.splitlines() if line.startswith("|") and "---" not in line]
+    """The first table of comparison.md (the run table), as header and rows by method."""
+    first_table = text.split("\n## ", 1)[0]
+    lines = [
+        line for line in first_table.splitlines() if line.startswith("|") and "---" not in line
+    ]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = {}
     for line in lines[1:]:
@@ -101,3 +105,38 @@ def test_missing_results_and_duplicate_seed_are_refused(tmp_path, capsys):
     dirs += make_runs(tmp_path / "y", runs={("LoRA", 0): RUNS[("LoRA", 1)]})
     with pytest.raises(ValueError, match="counted twice"):
         write_comparison(dirs, tmp_path)
+
+
+def test_paired_differences_and_the_papers_numbers(tmp_path):
+    # lowercase method names: lora is the default baseline and both are in the paper's table.
+    runs = {
+        ("lora", 0): RUNS[("LoRA", 0)],  # MFN 65, BWT -20, MFT 85
+        ("lora", 1): RUNS[("LoRA", 1)],  # MFN 65, BWT -10, MFT 75
+        ("sefe", 0): RUNS[("SEFE", 0)],  # MFN 86.5, BWT -2.5, MFT 89
+        ("sefe", 1): [[70.0, None], [60.0, 90.0]],  # MFN 75, BWT -5, MFT 80
+        ("sefe", 2): [[70.0, None], [60.0, 90.0]],  # seed 2 has no lora pair: left out
+    }
+    md_path, _ = write_comparison(make_runs(tmp_path, runs), tmp_path / "out")
+    text = md_path.read_text()
+    # MFN diffs +21.5 (s0), +10.0 (s1): mean 15.75, std 11.5 / sqrt 2, half t(1) * std / sqrt 2.
+    half = 12.706 * (11.5 / SQRT2) / SQRT2
+    row = next(line for line in text.splitlines() if line.startswith("| MFN(sefe) − MFN(lora)"))
+    assert "+21.5 (s0) / +10.0 (s1) |" in row and "(s2)" not in row
+    assert f"−{half - 15.75:.1f} … +{15.75 + half:.1f}" in row
+    assert "| BWT(sefe) − BWT(lora) | +17.5 (s0) / +5.0 (s1) |" in text
+    # The paper's section: sefe's means here over three seeds (MFT 83, MFN 78.83, BWT -4.17)
+    # beside the paper's; the MFN gaps to LoRA, here (78.83 - 65) and in the paper (58.57 - 41.59).
+    sefe_row = next(line for line in text.splitlines() if line.startswith("| sefe / SEFE"))
+    cells = [c.strip() for c in sefe_row.strip("|").split("|")]
+    assert cells[1:] == ["83.00", "69.02", "78.83", "58.57", "-4.17", "-10.45", "13.83", "16.98"]
+    assert (tmp_path / "out" / "paper_comparison.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_explicit_baseline_must_be_among_the_runs(tmp_path, capsys):
+    dirs = make_runs(tmp_path)
+    assert main([*map(str, dirs), "--baseline", "olora", "--out", str(tmp_path)]) == 1
+    assert "--baseline 'olora' is not among" in capsys.readouterr().err
+    assert main([*map(str, dirs), "--baseline", "LoRA", "--no-paper", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "comparison.md").read_text()
+    assert "| MFN(SEFE) − MFN(LoRA) | +21.5 (s0) |" in text
+    assert "paper" not in text.split("## Paired", 1)[1]
