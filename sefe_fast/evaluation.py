@@ -224,14 +224,17 @@ def _stage_dirs(run_dir: Path) -> dict[int, tuple[str, Path]]:
 
 
 @dataclass
-class _RunPredictions:
+class RunPredictions:
+    """Every prediction file of a run, read: task order, stages and the rows per cell."""
+
     tasks: list[str]
     n_stages: int
     # (stage 1-based, eval task index 0-based) -> (path, rows)
     cells: dict[tuple[int, int], tuple[Path, list[dict[str, Any]]]]
 
 
-def _load_run(run_dir: str | Path) -> _RunPredictions:
+def load_run_predictions(run_dir: str | Path) -> RunPredictions:
+    """Read and check every prediction file of a run (errors name the file or folder)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run dir not found: {run_dir}")
@@ -263,14 +266,14 @@ def _load_run(run_dir: str | Path) -> _RunPredictions:
     cells = {}
     for stage, index, path in tqdm(sorted(files), desc="reading predictions", unit="file"):
         cells[(stage, index)] = (path, read_predictions(path))
-    return _RunPredictions(tasks=tasks, n_stages=len(stages), cells=cells)
+    return RunPredictions(tasks=tasks, n_stages=len(stages), cells=cells)
 
 
 def _empty_counts() -> dict[str, int]:
     return dict.fromkeys(BREAKDOWN_COUNTS, 0)
 
 
-def _breakdown(run: _RunPredictions, legacy: bool) -> dict[str, Any]:
+def _breakdown(run: RunPredictions, legacy: bool) -> dict[str, Any]:
     final_stage = run.n_stages
     per_task: dict[str, dict[str, int]] = {}
     overall = _empty_counts()
@@ -321,7 +324,7 @@ def forgetting_breakdown(run_dir: str | Path, legacy: bool = False) -> dict[str,
     `wrong_final_essential`, `forgotten`, `forgotten_superficial`, `forgotten_essential`
     (numbers of test records).
     """
-    return _breakdown(_load_run(run_dir), legacy)
+    return _breakdown(load_run_predictions(run_dir), legacy)
 
 
 def rescore_run(
@@ -338,7 +341,7 @@ def rescore_run(
     forgetting_breakdown, "test_data": the data folder checked against, or None when it
     could not be found (then the files were not checked)}`.
     """
-    run = _load_run(run_dir)
+    run = load_run_predictions(run_dir)
     test_data = locate_test_data(run_dir, data_dir)
     if test_data is not None:
         expected = {

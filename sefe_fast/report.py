@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sefe_fast.answer_takeover import takeover_by_stage, takeover_markdown
 from sefe_fast.evaluation import BREAKDOWN_COUNTS, forgetting_breakdown
 from sefe_fast.io_utils import atomic_write_text
 from sefe_fast.plots import (
@@ -109,6 +110,25 @@ def _breakdown_section(run_dir: Path, results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _takeover_section(run_dir: Path) -> list[str]:
+    lines = ["## Answers taken over by the task just trained", ""]
+    try:
+        stages = takeover_by_stage(run_dir)
+    except FileNotFoundError as error:
+        return [*lines, f"_Skipped: {error}._"]
+    if not stages:
+        return [*lines, "_Skipped: one stage only, no earlier task to take over._"]
+    return [
+        *lines,
+        "After each stage, the share of the earlier tasks' predictions that are answers of the "
+        "task just trained (in its training answers, not in the earlier task's own): the "
+        "model answering an old question as the new task would. The format check above counts "
+        "these as essential when both tasks are free-form (`sefe_fast.answer_takeover`).",
+        "",
+        takeover_markdown(stages),
+    ]
+
+
 def render_report(run_dir: str | Path) -> str:
     """Build report.md's text for a run (and write its PNG plots beside it)."""
     run_dir = Path(run_dir)
@@ -158,6 +178,8 @@ def render_report(run_dir: str | Path) -> str:
     plot_accuracy_matrix(tasks, accuracy, run_dir / MATRIX_PNG)
     plot_accuracy_by_stage(tasks, accuracy, run_dir / STAGES_PNG)
     lines += _breakdown_section(run_dir, results)
+    if predictions_root(run_dir).is_dir():
+        lines += ["", *_takeover_section(run_dir)]
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,7 @@ ACCURACY = [[75.35, None, None], [60.1, 80.25, None], [50.5, 70.75, 16.75]]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_results(run_dir, tasks=TASKS, accuracy=ACCURACY, metrics=None, seed=3):
+def write_results(run_dir, tasks=TASKS, accuracy=ACCURACY, metrics=None, seed=3, config=None):
     atomic_write_json(
         run_dir / "results.json",
         {
@@ -22,7 +22,7 @@ def write_results(run_dir, tasks=TASKS, accuracy=ACCURACY, metrics=None, seed=3)
             "metrics": metrics if metrics is not None else continual_metrics(accuracy),
             "method": "SEFE",
             "seed": seed,
-            "config": {},
+            "config": config or {},
             "versions": {},
         },
     )
@@ -113,6 +113,30 @@ def test_report_breakdown_from_predictions(tmp_path):
     assert "of the forgotten ones, 50.0% are superficial" in text
     assert (tmp_path / "forgetting_breakdown.png").read_bytes().startswith(PNG_MAGIC)
     assert "](forgetting_breakdown.png)" in text
+    # Without a known data folder the taken-over section is skipped, saying why.
+    assert "## Answers taken over by the task just trained" in text
+    assert "give it with --data" in text
+
+
+def test_report_counts_answers_taken_over_by_the_task_just_trained(tmp_path):
+    tasks = ["ScienceQA", "GQA"]
+    data, run = tmp_path / "data", tmp_path / "run"
+    for task, answers in {"ScienceQA": ["A", "B"], "GQA": ["dog", "cat"]}.items():
+        records = [{"conversations": [{"from": "gpt", "value": a}]} for a in answers]
+        atomic_write_json(data / task / "train.json", records)
+    write_results(
+        run, tasks=tasks, accuracy=[[100.0, None], [0.0, 50.0]], config={"data": str(data)}
+    )
+    rows = {(1, "ScienceQA"): ["A", "B"], (2, "ScienceQA"): ["dog", "A"], (2, "GQA"): ["cat", "x"]}
+    for (stage, task), predictions in rows.items():
+        write_predictions(
+            predictions_path(run, stage, tasks[stage - 1], task),
+            [{"question_id": n, "prediction": p, "answer": "A"} for n, p in enumerate(predictions)],
+        )
+    text = write_report(run).read_text()
+    # After GQA, ScienceQA's "dog" is a GQA answer: 1 of the 2 earlier-task predictions.
+    assert "| 2 | GQA | 50 % | ScienceQA 1/2 |" in text
+    assert "Overall: 1 of 2 earlier-task predictions (50 %)" in text
 
 
 def test_partial_run_and_stored_metric_mismatch_are_noted(tmp_path):
