@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sefe_fast.data.coin import read_json_records, record_label
-from sefe_fast.evaluation import load_run_predictions
+from sefe_fast.evaluation import RunPredictions, load_run_predictions
 from sefe_fast.prediction_check import locate_test_data
 from sefe_fast.run_results import markdown_table
 from sefe_fast.vqa_normalize import normalize_vqa_answer
@@ -67,10 +67,12 @@ class StageTakeover:
 
 
 def takeover_by_stage(
-    run_dir: str | Path, data_dir: str | Path | None = None
+    run_dir: str | Path, data_dir: str | Path | None = None, run: RunPredictions | None = None
 ) -> list[StageTakeover]:
-    """Per stage s ≥ 2 of the run: how many earlier-task predictions are task s's answers."""
-    run = load_run_predictions(run_dir)
+    """Per stage s ≥ 2 of the run: how many earlier-task predictions are task s's answers
+    (`run`: the run's predictions when already read)."""
+    if run is None:
+        run = load_run_predictions(run_dir)
     data = locate_test_data(run_dir, data_dir)
     if data is None:
         raise FileNotFoundError(

@@ -316,15 +316,17 @@ def _breakdown(run: RunPredictions, legacy: bool) -> dict[str, Any]:
     }
 
 
-def forgetting_breakdown(run_dir: str | Path, legacy: bool = False) -> dict[str, Any]:
+def forgetting_breakdown(
+    run_dir: str | Path, legacy: bool = False, run: RunPredictions | None = None
+) -> dict[str, Any]:
     """Superficial vs essential errors and forgetting at the last stage (module docstring).
 
     Returns `{"final_stage", "final_task", "legacy", "per_task": {task: counts},
     "overall": counts}` with counts `n`, `wrong_final`, `wrong_final_superficial`,
     `wrong_final_essential`, `forgotten`, `forgotten_superficial`, `forgotten_essential`
-    (numbers of test records).
+    (numbers of test records). `run`: the run's predictions when already read.
     """
-    return _breakdown(load_run_predictions(run_dir), legacy)
+    return _breakdown(run if run is not None else load_run_predictions(run_dir), legacy)
 
 
 def rescore_run(

@@ -16,7 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from sefe_fast.answer_takeover import takeover_by_stage, takeover_markdown
-from sefe_fast.evaluation import BREAKDOWN_COUNTS, forgetting_breakdown
+from sefe_fast.evaluation import (
+    BREAKDOWN_COUNTS,
+    RunPredictions,
+    forgetting_breakdown,
+    load_run_predictions,
+)
 from sefe_fast.io_utils import atomic_write_text
 from sefe_fast.plots import (
     plot_accuracy_by_stage,
@@ -67,15 +72,17 @@ def _share(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:.1f}%" if whole else "n/a"
 
 
-def _breakdown_section(run_dir: Path, results: dict[str, Any]) -> list[str]:
+def _breakdown_section(
+    run_dir: Path, results: dict[str, Any], run: RunPredictions | None
+) -> list[str]:
     lines = ["## Forgetting: superficial vs essential", ""]
-    if not predictions_root(run_dir).is_dir():
+    if run is None:
         lines.append(
             "_Skipped: no prediction files under `predictions/`, so the errors cannot be "
             "classified. Rerun the evaluation with predictions saved to get this section._"
         )
         return lines
-    breakdown = forgetting_breakdown(run_dir)
+    breakdown = forgetting_breakdown(run_dir, run=run)
     k_results = results["metrics_recomputed"]["tasks_completed"]
     lines += [
         f"After the last stage with predictions (stage {breakdown['final_stage']}, "
@@ -110,10 +117,10 @@ def _breakdown_section(run_dir: Path, results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _takeover_section(run_dir: Path) -> list[str]:
+def _takeover_section(run_dir: Path, run: RunPredictions) -> list[str]:
     lines = ["## Answers taken over by the task just trained", ""]
     try:
-        stages = takeover_by_stage(run_dir)
+        stages = takeover_by_stage(run_dir, run=run)
     except FileNotFoundError as error:
         return [*lines, f"_Skipped: {error}._"]
     if not stages:
@@ -177,9 +184,11 @@ def render_report(run_dir: str | Path) -> str:
     ]
     plot_accuracy_matrix(tasks, accuracy, run_dir / MATRIX_PNG)
     plot_accuracy_by_stage(tasks, accuracy, run_dir / STAGES_PNG)
-    lines += _breakdown_section(run_dir, results)
-    if predictions_root(run_dir).is_dir():
-        lines += ["", *_takeover_section(run_dir)]
+    # The prediction files are read once, for both forgetting sections.
+    run = load_run_predictions(run_dir) if predictions_root(run_dir).is_dir() else None
+    lines += _breakdown_section(run_dir, results, run)
+    if run is not None:
+        lines += ["", *_takeover_section(run_dir, run)]
     return "\n".join(lines) + "\n"
 
 
