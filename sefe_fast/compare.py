@@ -170,9 +170,14 @@ def paired_section(runs: Sequence[RunSummary], baseline: str) -> str:
 PAPER_SECTION_METRICS: tuple[str, ...] = ("MFT", "MFN", "BWT")
 
 
+def in_paper(summaries: Sequence[MethodSummary]) -> list[MethodSummary]:
+    """The summaries of the methods the paper's table has, in the runs' order."""
+    return [s for s in summaries if s.method in PAPER_ROWS]
+
+
 def paper_section(summaries: Sequence[MethodSummary]) -> str:
     """Markdown: the runs' means beside the paper's row for every method the paper reports."""
-    known = [s for s in summaries if s.method in PAPER_ROWS]
+    known = in_paper(summaries)
     lora = next((s for s in summaries if s.method == "lora"), None)
     header = ["method", *(f"{m} {who}" for m in PAPER_SECTION_METRICS for who in ("here", "paper"))]
     if lora is not None:
@@ -230,7 +235,7 @@ def write_comparison(
     out_dir = Path(out_dir)
     if paper:
         sections.append(paper_section(summaries))
-        known = [s for s in summaries if s.method in PAPER_ROWS]
+        known = in_paper(summaries)
         if known:
             plot_against_paper(
                 [s.method for s in known],

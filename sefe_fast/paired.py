@@ -1,8 +1,8 @@
 """Paired per-seed differences between two methods, with a 95 % t-interval of their mean.
 
-Two runs with the same seed see the same generated data, the same test records and the same
-initial adapters, so the difference of a metric between them cancels the seed's own luck
-(how well the last task happens to be learnt moves MFN by several points on its own). Over n
+Two runs with the same seed see the same generated data and the same test records, so the
+difference of a metric between them cancels that part of the seed's luck (how well the
+last task happens to be learnt moves MFN by several points on its own). Over n
 seeds: the mean difference, its sample standard deviation s and the interval
 mean ± t(0.975, n − 1) · s / √n.
 """
@@ -72,7 +72,7 @@ def paired_difference(
 
 def _seed_values(runs: Mapping[int, Mapping[str, float | None]], metric: str) -> dict[int, float]:
     """seed → the metric's value, for the seeds whose value is present."""
-    return {seed: values[metric] for seed, values in runs.items() if values[metric] is not None}  # type: ignore[misc]
+    return {seed: value for seed, values in runs.items() if (value := values[metric]) is not None}
 
 
 def paired_differences(

@@ -121,7 +121,9 @@ def _takeover_section(run_dir: Path, run: RunPredictions) -> list[str]:
     lines = ["## Answers taken over by the task just trained", ""]
     try:
         stages = takeover_by_stage(run_dir, run=run)
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
+        # The report is written at the end of a training run: a missing or malformed
+        # training file (e.g. records skipped with --skip-bad) must not fail it.
         return [*lines, f"_Skipped: {error}._"]
     if not stages:
         return [*lines, "_Skipped: one stage only, no earlier task to take over._"]

@@ -137,6 +137,10 @@ def test_report_counts_answers_taken_over_by_the_task_just_trained(tmp_path):
     # After GQA, ScienceQA's "dog" is a GQA answer: 1 of the 2 earlier-task predictions.
     assert "| 2 | GQA | 50 % | ScienceQA 1/2 |" in text
     assert "Overall: 1 of 2 earlier-task predictions (50 %)" in text
+    # A malformed training file skips the section, naming the record; the report is still written.
+    atomic_write_json(data / "GQA" / "train.json", [{"id": "bad_3", "text": "no turns"}])
+    text = write_report(run).read_text()
+    assert "_Skipped: " in text and "record 'bad_3' (index 0) has no conversations list" in text
 
 
 def test_partial_run_and_stored_metric_mismatch_are_noted(tmp_path):
