@@ -1,6 +1,8 @@
 """Stage 0a: per-cell labels, pixel normalisation, and that the tower learns to see."""
 
 import random
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -79,3 +81,11 @@ def test_vision_pretraining_learns_to_tell_cells_apart(one_thread):
     # Chance over the ~380 classes is < 1 %; 60 small steps already read most cells.
     assert report["cell_accuracy"] > 0.6, report
     assert report["object_cell_accuracy"] > 0.2, report
+
+
+def test_the_tiny_image_processor_loads_without_the_torchvision_fallback_warning():
+    # transformers >= 5 without torchvision warns at every run start when the bare name
+    # CLIPImageProcessor is imported; sefe_fast asks for the PIL class it falls back to.
+    code = "import sefe_fast.train.cli, sefe_fast.model.tiny as t; t.tiny_image_processor(32)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "requires torchvision" not in done.stderr, done.stderr

@@ -30,16 +30,27 @@ from typing import Any
 
 import torch
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
+from transformers.utils import is_torchvision_available
 
 from sefe_fast.data.char_tokenizer import IMAGE_TOKEN, build_char_tokenizer
 from sefe_fast.data.minicoin import MINICOIN_IMAGE_SIZE, STAGE0_VERSION
 from sefe_fast.model.build import ModelBundle
+
+if is_torchvision_available():
+    from transformers import CLIPImageProcessor
+else:
+    # Without torchvision, transformers >= 5 answers the name CLIPImageProcessor with its PIL
+    # class and a warning at every run start; asking for that class by name is the same
+    # processor, silently. transformers 4.x has only the one (PIL) class.
+    try:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
+    except ImportError:
+        from transformers import CLIPImageProcessor
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-stage0"
 STAGE0_META = "stage0.json"
