@@ -4,6 +4,7 @@ import pytest
 
 from sefe_fast import paper_defaults
 from sefe_fast.methods import METHODS, ContinualMethod, MethodConfig
+from sefe_fast.methods.fft import weight_lr
 from sefe_fast.model.tiny import Stage0Config
 from sefe_fast.tasks import COIN_TASKS
 from sefe_fast.train import cli
@@ -31,6 +32,14 @@ def test_flags_override_the_preset():
     assert cfg.max_steps == PRESETS["smoke"]["max_steps"]
     assert not parse_config(["coin", "--no-liger", "--no-flash-attn"]).liger
     assert parse_config(["coin", "--fsdp"]).fsdp and not parse_config(["coin"]).fsdp
+
+
+def test_fft_weight_lr_is_lr_over_ten_except_where_a_preset_or_flag_sets_it():
+    default = parse_config(["coin", "--method", "fft"])
+    assert weight_lr(default) == pytest.approx(default.lr / 10)
+    assert weight_lr(parse_config(["coin", "--preset", "smol", "--method", "fft"])) == 2e-5
+    flagged = parse_config(["coin", "--preset", "smol", "--method", "fft", "--fft-lr", "1e-6"])
+    assert weight_lr(flagged) == 1e-6
 
 
 def test_paper_preset_has_the_papers_recipe_and_needs_a_model_and_data(capsys):
