@@ -10,6 +10,7 @@ LLaVA-1.5's own full fine-tuning (its `scripts/v1_5/finetune.sh`) uses 2e-5 agai
 LoRA's 2e-4 (docs/reference.md §3), so by default fft trains at `--lr` / 10 — 2e-5 for
 the paper preset, 3e-4 for the tiny default preset (its LoRA lr is 3e-3), 2e-4 for smoke.
 The smol preset sets 2e-5 itself (its `--lr` / 10 = 1e-4 emptied the 135 M model's answers).
+`lota` trains its masked weights at the same lr.
 
 Precision: weights not already in fp32 (bf16 on CUDA) are trained in fp32 — AdamW on bf16
 weights loses most small updates — and cast back after the task, so a replayed stage

@@ -80,7 +80,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "reg_lambda": 5e2,
         # fft: LLaVA-1.5's own full fine-tuning lr (2e-5), not --lr/10 = 1e-4: at 1e-4 the
         # 135 M model answered every question with an empty string after its second task
-        # (a 2-task smoke, 2026-12-02); at 2e-5 it learns (RESULTS.md, issue 21)
+        # (a 2-task smoke, 2026-12-02); at 2e-5 it learns (RESULTS.md, issue 21). lota trains
+        # its masked weights at this lr too; its measured smol run used 1e-4 (RESULTS.md).
         "fft_lr": 2e-5,
         "global_batch_size": 8,
         "per_device_batch_size": 4,  # 2 ranks × 4, or 1 process × 4 × 2 accumulated
